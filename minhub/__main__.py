@@ -1,0 +1,3 @@
+from minhub.cli import main
+
+raise SystemExit(main())
