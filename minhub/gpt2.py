@@ -706,13 +706,18 @@ def hub_to_minhub_state_dict(state_dict: dict[str, torch.Tensor], model: GPT2) -
     `save_pretrained`'s (`transformer.` prefix, `lm_head.weight` left out because it is tied).
     """
     mapped: dict[str, torch.Tensor] = {}
-    for name, tensor in state_dict.items():
-        name = name.removeprefix("transformer.")
+    stored_as: dict[str, str] = {}  # our name -> the name in the file, for error messages
+    transposed: set[str] = set()
+    for stored_name, tensor in state_dict.items():
+        name = stored_name.removeprefix("transformer.")
         if MASK_BUFFER.fullmatch(name):
             continue  # a constant causal mask: the model builds its own
+        name = name if name == "lm_head.weight" else "transformer." + name
         if name.endswith(CONV1D_WEIGHTS) and tensor.dim() == 2:
             tensor = tensor.t()  # Conv1D stores (in, out); nn.Linear wants (out, in)
-        mapped[name if name == "lm_head.weight" else "transformer." + name] = tensor
+            transposed.add(name)
+        mapped[name] = tensor
+        stored_as[name] = stored_name
 
     expected = {name: p.shape for name, p in model.state_dict(keep_vars=True).items()}
     if model.config.tie_word_embeddings:
@@ -722,9 +727,13 @@ def hub_to_minhub_state_dict(state_dict: dict[str, torch.Tensor], model: GPT2) -
         if head is not None and wte is not None and (head.shape != wte.shape or not torch.equal(head, wte)):
             raise CheckpointError("lm_head.weight differs from transformer.wte.weight, but the config says "
                                   "tie_word_embeddings=true: set it to false in config.json if the head is untied")
+
+    def stored_shape(name: str, shape: torch.Size) -> tuple[int, ...]:
+        return tuple(shape)[::-1] if name in transposed else tuple(shape)
+
     missing = expected.keys() - mapped.keys()
-    unexpected = mapped.keys() - expected.keys()
-    misshaped = [f"{n} {tuple(mapped[n].shape)} (expected {tuple(expected[n])})"
+    unexpected = [stored_as[n] for n in mapped.keys() - expected.keys()]
+    misshaped = [f"{stored_as[n]} {stored_shape(n, mapped[n].shape)} (expected {stored_shape(n, expected[n])})"
                  for n in sorted(expected.keys() & mapped.keys()) if mapped[n].shape != expected[n]]
     problems = []
     if missing:

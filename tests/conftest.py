@@ -1,0 +1,25 @@
+"""Test setup: every test runs offline against a temporary Hugging Face cache.
+
+huggingface_hub reads HF_HUB_OFFLINE and HF_HUB_CACHE once, when it is first imported, so they are set here, before
+any test module imports it. The caller's own values are kept for the opt-in network test.
+"""
+
+import atexit
+import os
+import shutil
+import tempfile
+
+ORIGINAL_ENV = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "HF_HOME")}
+HF_CACHE = tempfile.mkdtemp(prefix="minhub-hf-cache-")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_CACHE"] = HF_CACHE
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+atexit.register(shutil.rmtree, HF_CACHE, True)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,111 @@
+"""Build real checkpoints offline: random transformers GPT-2 models saved in the hub's layouts, placed in the
+Hugging Face cache exactly as huggingface_hub would have downloaded them (blobs, snapshot symlinks, refs)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TOKENIZER_DIR = FIXTURES / "gpt2-tokenizer"
+
+
+def hf_gpt2(seed: int = 0, std: float = 0.2, **config):
+    """A transformers GPT2LMHeadModel with random weights, LayerNorms and biases included.
+
+    The weights are spread wider than GPT-2's init so that logits are far apart (greedy ties cannot flip) and a
+    wrongly mapped LayerNorm or bias changes the output.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    defaults = dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=101, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(GPT2Config(**{**defaults, **config}))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+        for name, p in model.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.add_(1.0)  # LayerNorm gains near 1, but not exactly
+    return model.eval()
+
+
+def save_checkpoint(model, directory: Path, layout: str = "save_pretrained", **kwargs) -> Path:
+    """Write `model` to `directory` in one of the layouts found on the hub.
+
+    save_pretrained: transformers' own (`transformer.` prefix, tied lm_head left out).
+    openai: the OpenAI gpt2 repos' (no prefix, float causal-mask buffers `h.N.attn.bias` stored, no lm_head).
+    openai+masked_bias: also stores `h.N.attn.masked_bias` (as DialoGPT-era checkpoints do) and keeps the prefix.
+    """
+    directory = Path(directory)
+    model.save_pretrained(directory, **kwargs)
+    if layout == "save_pretrained":
+        return directory
+    state = load_file(directory / "model.safetensors")
+    n_pos = model.config.n_positions
+    mask = torch.tril(torch.ones(n_pos, n_pos)).view(1, 1, n_pos, n_pos)
+    out = {}
+    for name, t in state.items():
+        if layout == "openai":
+            name = name.removeprefix("transformer.")
+        out[name] = t.contiguous()
+    for i in range(model.config.n_layer):
+        prefix = "" if layout == "openai" else "transformer."
+        out[f"{prefix}h.{i}.attn.bias"] = mask.clone()
+        if layout == "openai+masked_bias":
+            out[f"{prefix}h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(out, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory
+
+
+def put_in_hub_cache(
+    repo_id: str,
+    source: Path | dict[str, Path | bytes],
+    *,
+    refs: tuple[str, ...] = ("main",),
+    cache: Path | None = None,
+) -> str:
+    """Place files in the Hugging Face cache as one commit of `repo_id`; return the commit sha.
+
+    source: a directory (all its files) or {filename: path or bytes}. refs: branches/tags pointing at the commit.
+    """
+    cache = Path(cache or os.environ["HF_HUB_CACHE"])
+    if not isinstance(source, dict):
+        source = {p.name: p for p in Path(source).iterdir() if p.is_file()}
+    contents = {name: (data if isinstance(data, bytes) else Path(data).read_bytes()) for name, data in source.items()}
+    commit = hashlib.sha1(repo_id.encode() + b"".join(sorted(contents.values()))).hexdigest()
+    repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo_dir / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (repo_dir / "blobs").mkdir(exist_ok=True)
+    for name, data in contents.items():
+        blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / name
+        if link.exists() or link.is_symlink():
+            link.unlink()
+        link.symlink_to(os.path.relpath(blob, snapshot))
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    for ref in refs:
+        (repo_dir / "refs" / ref).write_text(commit)  # no trailing newline, as huggingface_hub writes it
+    return commit
+
+
+def hub_checkpoint(repo_id: str, model, layout: str = "save_pretrained", *, tokenizer: bool = False, **kwargs) -> str:
+    """Save `model` in `layout`, place it in the cache as `repo_id` (branch main); return the commit sha."""
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = save_checkpoint(model, Path(tmp), layout, **kwargs)
+        if tokenizer:
+            shutil.copy(TOKENIZER_DIR / "tokenizer.json", directory)
+        return put_in_hub_cache(repo_id, directory)
+
+
+def hf_logits(model, idx: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(idx).logits

@@ -1,0 +1,161 @@
+"""Generation checked against transformers: greedy tokens, KV-cache logits, sampling filters, batches, EOS, and
+generation past the context window."""
+
+import pytest
+import torch
+from helpers import hf_gpt2, hf_logits, save_checkpoint
+
+from minhub import gpt2_from_pretrained, generate, generate_stream, pad_left, sample_next_token
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(reference transformers model, minhub model loaded from its checkpoint)."""
+    ref = hf_gpt2(seed=3, n_positions=48, n_layer=3)
+    path = save_checkpoint(ref, tmp_path_factory.mktemp("ckpt"), "openai")
+    return ref, gpt2_from_pretrained(path)
+
+
+def test_greedy_equals_transformers_generate(pair):
+    ref, model = pair
+    idx = torch.randint(0, 101, (4, 7))
+    ours = generate(model, idx, 30, temperature=0)
+    theirs = ref.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=30, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours, theirs)
+
+
+def test_cached_decoding_gives_the_logits_of_a_full_recompute(pair):
+    ref, model = pair
+    seq = torch.randint(0, 101, (2, 40))
+    model.setup_cache(2)
+    with torch.no_grad():
+        steps = [model(seq[:, :10], 0)]
+        steps += [model(seq[:, t:t + 1], t) for t in range(10, 40)]
+        cached = torch.cat(steps, dim=1)
+        assert (cached - model(seq)).abs().max().item() <= 1e-5
+        assert (cached - hf_logits(ref, seq)).abs().max().item() <= 1e-4
+
+
+def test_top_k_samples_never_leave_the_reference_top_k(pair):
+    ref, model = pair
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        idx = torch.randint(0, 101, (8, 5 + trial))
+        allowed = hf_logits(ref, idx)[:, -1].topk(3).indices  # (8, 3)
+        token = next(generate_stream(model, idx, 1, top_k=3, temperature=1.5, generator=gen))
+        assert (allowed == token[:, None]).any(dim=1).all()
+
+
+def test_top_p_samples_stay_inside_the_reference_nucleus(pair):
+    ref, model = pair
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(20):
+        idx = torch.randint(0, 101, (8, 5 + trial))
+        probs = hf_logits(ref, idx)[:, -1].softmax(-1)
+        sorted_probs, order = probs.sort(descending=True, dim=-1)
+        inside = (sorted_probs.cumsum(-1) - sorted_probs) < 0.6  # smallest set whose mass reaches 0.6
+        token = next(generate_stream(model, idx, 1, top_k=None, top_p=0.6, generator=gen))
+        for row in range(8):
+            assert token[row] in order[row][inside[row]]
+
+
+def test_sampling_follows_the_tempered_top_k_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0]])
+    expected = torch.zeros(6)
+    keep = logits[0].topk(4).indices
+    expected[keep] = (logits[0, keep] / 0.7).softmax(-1)
+    gen = torch.Generator().manual_seed(0)
+    draws = sample_next_token(logits.expand(20000, 6), temperature=0.7, top_k=4, generator=gen)
+    freq = torch.bincount(draws, minlength=6).float() / draws.numel()
+    assert (freq - expected).abs().max() < 0.015
+    assert freq[logits[0].topk(6).indices[4:]].sum() == 0  # outside the top 4: never
+
+
+def test_a_seeded_generator_repeats_and_different_seeds_differ(pair):
+    _, model = pair
+    idx = torch.randint(0, 101, (2, 5))
+    runs = [generate(model, idx, 20, top_k=20, generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8)]
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+
+
+def test_left_padded_batch_rows_equal_their_solo_runs(pair):
+    ref, model = pair
+    prompts = [[5, 9, 13, 2, 44, 7, 1], [88], [3, 4, 5, 6]]
+    idx, mask = pad_left(prompts, pad_id=0)
+    batch = generate(model, idx, 25, temperature=0, attention_mask=mask)
+    for row, prompt in enumerate(prompts):
+        solo = ref.generate(torch.tensor([prompt]), max_new_tokens=25, do_sample=False, eos_token_id=None,
+                            pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+        assert batch[row, idx.size(1):].tolist() == solo[0, len(prompt):].tolist()
+
+
+def test_left_padded_logits_equal_unpadded_logits(pair):
+    _, model = pair
+    idx, mask = pad_left([[5, 9, 13, 2], [88, 3]], pad_id=0)
+    with torch.no_grad():
+        padded = model(idx, attention_mask=mask)
+        assert (padded[1, 2:] - model(torch.tensor([[88, 3]]))[0]).abs().max() <= 1e-5
+        assert torch.isfinite(padded).all()
+
+
+def test_each_row_stops_at_eos_and_is_padded_like_transformers(pair):
+    ref, model = pair
+    idx = torch.randint(0, 101, (3, 6))
+    free = generate(model, idx, 20, temperature=0)
+    eos = int(free[0, 6 + 4])  # row 0 emits this token at step 5
+    ours = generate(model, idx, 20, temperature=0, eos_token_id=eos)
+    theirs = ref.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=20, do_sample=False,
+                          eos_token_id=eos, pad_token_id=eos)
+    assert torch.equal(ours, theirs)
+    assert (ours[0, 6 + 4:] == eos).all()
+
+
+def test_generation_stops_early_when_every_row_has_finished(pair):
+    _, model = pair
+    idx = torch.randint(0, 101, (1, 6))
+    free = generate(model, idx, 20, temperature=0)[0, 6:].tolist()
+    eos = free[5]
+    stop = min(free.index(eos), free.index(100) if 100 in free else 20)  # the first of the two EOS ids
+    out = generate(model, idx, 20, temperature=0, eos_token_id=[eos, 100])
+    assert out[0, 6:].tolist() == free[:stop + 1]
+
+
+def _reference_sliding_greedy(ref, prompt, steps, n_ctx, shift):
+    """Greedy decoding with transformers, no cache: each token is predicted from the current window, which drops
+    its oldest `shift` tokens whenever it is full."""
+    tokens, start = list(prompt), 0
+    for _ in range(steps):
+        if len(tokens) - start > n_ctx:
+            start += shift
+        window = torch.tensor([tokens[start:]])
+        tokens.append(int(hf_logits(ref, window)[0, -1].argmax()))
+    return tokens
+
+
+@pytest.mark.parametrize("shift", [1, 5, None])
+def test_generation_past_the_context_window_slides_it(pair, shift):
+    ref, model = pair
+    n_ctx = ref.config.n_positions
+    prompt = torch.randint(0, 101, (20,)).tolist()
+    ours = generate(model, torch.tensor([prompt]), 110, temperature=0, window_shift=shift)
+    expected = _reference_sliding_greedy(ref, prompt, 110, n_ctx, shift or n_ctx // 4)
+    assert ours[0].tolist() == expected
+    assert model.transformer.h[0].attn.kv_cache.k.shape[2] == n_ctx  # the cache never grows past the window
+
+
+def test_stream_yields_what_generate_returns(pair):
+    _, model = pair
+    idx = torch.randint(0, 101, (2, 4))
+    streamed = list(generate_stream(model, idx, 12, top_k=10, generator=torch.Generator().manual_seed(3)))
+    full = generate(model, idx, 12, top_k=10, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(torch.stack(streamed, dim=1), full[:, 4:])
+
+
+def test_zero_new_tokens_and_one_dimensional_prompts(pair):
+    _, model = pair
+    idx = torch.randint(0, 101, (2, 4))
+    assert torch.equal(generate(model, idx, 0), idx)
+    one = generate(model, idx[0], 5, temperature=0)
+    assert one.shape == (9,) and torch.equal(one, generate(model, idx[:1], 5, temperature=0)[0])

@@ -1,0 +1,92 @@
+"""minhub/gpt2.py works copied alone into another project; the CLI streams what the API generates."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import hf_gpt2, hub_checkpoint, save_checkpoint
+
+import minhub
+from minhub import generate, gpt2_from_pretrained, tokenizer_from_pretrained
+
+REPO_ROOT = Path(__file__).parents[1]
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return {**env, **extra}
+
+
+def test_gpt2_py_copied_alone_loads_and_samples(tmp_path):
+    ckpt = save_checkpoint(hf_gpt2(), tmp_path / "ckpt")
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(Path(minhub.__file__).parent / "gpt2.py", project / "gpt2.py")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(project)!r})
+        import gpt2
+        model = gpt2.gpt2_from_pretrained({str(ckpt)!r})
+        out = gpt2.generate(model, torch.tensor([[1, 2, 3]]), 10, top_k=5, generator=torch.Generator().manual_seed(0))
+        assert not any(name == "minhub" or name.startswith("minhub.") for name in sys.modules), "minhub was imported"
+        print(out[0].tolist())
+    """)
+    result = subprocess.run([sys.executable, "-I", "-c", script], cwd=project, capture_output=True, text=True,
+                            env=_env())
+    assert result.returncode == 0, result.stderr
+    expected = generate(gpt2_from_pretrained(ckpt), torch.tensor([[1, 2, 3]]), 10, top_k=5,
+                        generator=torch.Generator().manual_seed(0))
+    assert result.stdout.strip() == str(expected[0].tolist())
+
+
+@pytest.fixture(scope="module")
+def gpt2_shaped_repo():
+    """A tiny model with GPT-2's vocabulary and the real tokenizer, in the cache as tests/tiny-gpt2."""
+    hub_checkpoint("tests/tiny-gpt2", hf_gpt2(vocab_size=50257, n_embd=16, n_head=2, bos_token_id=50256,
+                                              eos_token_id=50256, std=0.5), tokenizer=True)
+    return "tests/tiny-gpt2"
+
+
+@pytest.mark.parametrize("command", [["-m", "minhub"], None])
+def test_cli_streams_the_api_result(gpt2_shaped_repo, command):
+    prompt = "The meaning of life is"
+    if command is None:
+        exe = shutil.which("minhub")
+        if exe is None:
+            pytest.skip("the minhub console script is not installed (pip install -e .)")
+        argv = [exe]
+    else:
+        argv = [sys.executable, *command]
+    result = subprocess.run(
+        argv + ["generate", gpt2_shaped_repo, prompt, "--max-new-tokens", "12", "--top-k", "40", "--seed", "0",
+                "--ignore-eos"],
+        capture_output=True, text=True, env=_env(), cwd=REPO_ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    model = gpt2_from_pretrained(gpt2_shaped_repo)
+    tokenizer = tokenizer_from_pretrained(gpt2_shaped_repo)
+    idx = torch.tensor([tokenizer.encode(prompt).ids])
+    out = generate(model, idx, 12, top_k=40, generator=torch.Generator().manual_seed(0))
+    assert result.stdout == prompt + tokenizer.decode(out[0, idx.size(1):].tolist()) + "\n"
+
+
+def test_cli_reports_errors_without_a_traceback():
+    result = subprocess.run([sys.executable, "-m", "minhub", "generate", "nobody/missing", "hi"],
+                            capture_output=True, text=True, env=_env(), cwd=REPO_ROOT)
+    assert result.returncode == 2
+    assert result.stderr.startswith("minhub: ") and "Traceback" not in result.stderr
+    result = subprocess.run([sys.executable, "-m", "minhub", "generate", "x", "hi", "--temperature", "-1"],
+                            capture_output=True, text=True, env=_env(), cwd=REPO_ROOT)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_import_minhub_stays_light():
+    code = ("import sys, minhub; heavy = [m for m in ('transformers', 'huggingface_hub', 'safetensors', 'tokenizers',"
+            " 'x_transformers', 'tiktoken') if m in sys.modules]; print(heavy)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
+    assert result.stdout.strip() == "[]", result.stderr
