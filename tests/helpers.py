@@ -64,6 +64,46 @@ def save_checkpoint(model, directory: Path, layout: str = "save_pretrained", **k
     return directory
 
 
+def openai_layout_checkpoint(directory: Path, seed: int = 0, **config) -> Path:
+    """Write a random checkpoint by hand, in the exact layout of the OpenAI gpt2 repos' files: config.json as on the
+    hub, model.safetensors with unprefixed names, Conv1D weights stored (in, out), float `h.N.attn.bias` causal-mask
+    buffers, no lm_head. Much faster than building a transformers model at the 124M size."""
+    import json
+
+    c = {**dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12), **config}
+    d, v, p = c["n_embd"], c["vocab_size"], c["n_positions"]
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, mean=0.0):
+        return torch.randn(shape, generator=gen) * 0.02 + mean
+
+    state = {"wte.weight": rand(v, d), "wpe.weight": rand(p, d), "ln_f.weight": rand(d, mean=1.0), "ln_f.bias": rand(d)}
+    mask = torch.tril(torch.ones(p, p)).view(1, 1, p, p)
+    for i in range(c["n_layer"]):
+        state.update({
+            f"h.{i}.ln_1.weight": rand(d, mean=1.0), f"h.{i}.ln_1.bias": rand(d),
+            f"h.{i}.attn.bias": mask.clone(),
+            f"h.{i}.attn.c_attn.weight": rand(d, 3 * d), f"h.{i}.attn.c_attn.bias": rand(3 * d),
+            f"h.{i}.attn.c_proj.weight": rand(d, d), f"h.{i}.attn.c_proj.bias": rand(d),
+            f"h.{i}.ln_2.weight": rand(d, mean=1.0), f"h.{i}.ln_2.bias": rand(d),
+            f"h.{i}.mlp.c_fc.weight": rand(d, 4 * d), f"h.{i}.mlp.c_fc.bias": rand(4 * d),
+            f"h.{i}.mlp.c_proj.weight": rand(4 * d, d), f"h.{i}.mlp.c_proj.bias": rand(d),
+        })
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    hub_config = {
+        "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,
+        "bos_token_id": 50256, "embd_pdrop": 0.1, "eos_token_id": 50256, "initializer_range": 0.02,
+        "layer_norm_epsilon": 1e-05, "model_type": "gpt2", "n_ctx": p, "resid_pdrop": 0.1,
+        "summary_activation": None, "summary_first_dropout": 0.1, "summary_proj_to_labels": True,
+        "summary_type": "cls_index", "summary_use_proj": True,
+        "task_specific_params": {"text-generation": {"do_sample": True, "max_length": 50}}, **c,
+    }
+    (directory / "config.json").write_text(json.dumps(hub_config, indent=2))
+    return directory
+
+
 def put_in_hub_cache(
     repo_id: str,
     source: Path | dict[str, Path | bytes],

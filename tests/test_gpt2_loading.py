@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import hf_gpt2, hf_logits, hub_checkpoint, put_in_hub_cache, save_checkpoint
+from helpers import hf_gpt2, hf_logits, hub_checkpoint, openai_layout_checkpoint, put_in_hub_cache, save_checkpoint
 
 from minhub import GPT2Config, gpt2_from_pretrained
 
@@ -39,13 +39,13 @@ def test_logits_match_transformers_through_the_hub_cache(layout, config):
 
 
 def test_the_124m_shape_loads_with_the_exact_parameter_count(tmp_path):
-    from transformers import GPT2Config as HFConfig
     from transformers import GPT2LMHeadModel
 
-    ref = GPT2LMHeadModel(HFConfig()).eval()  # the real gpt2 shape: 12 x 768, vocab 50257, 1024 positions
-    hub_checkpoint("tests/gpt2-124m-shape", ref, "openai")
+    directory = openai_layout_checkpoint(tmp_path / "gpt2")  # the real gpt2's shapes, names and config.json
+    put_in_hub_cache("tests/gpt2-124m-shape", directory)
     model = gpt2_from_pretrained("tests/gpt2-124m-shape")
     assert model.num_parameters() == 124_439_808  # the published count for openai-community/gpt2
+    ref = GPT2LMHeadModel.from_pretrained(directory).eval()
     idx = torch.randint(0, 50257, (1, 24))
     with torch.no_grad():
         assert (model(idx) - hf_logits(ref, idx)).abs().max().item() <= TOL
@@ -158,3 +158,17 @@ def test_model_on_requested_device_is_in_eval_mode(tmp_path):
     assert not model.training
     assert all(p.device.type == "cpu" for p in model.parameters())
     assert not any(p.is_meta for p in model.parameters())
+
+
+def test_writing_to_loaded_weights_never_changes_the_checkpoint_file(tmp_path):
+    """Weights are memory-mapped from the file for a fast load; the mapping must be private (copy on write)."""
+    import hashlib
+
+    directory = save_checkpoint(hf_gpt2(), tmp_path / "ckpt", "openai")
+    digest = hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
+    model = gpt2_from_pretrained(directory)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-3.0).add_(1.0)
+    del model
+    assert hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest() == digest

@@ -90,3 +90,18 @@ def test_import_minhub_stays_light():
             " 'x_transformers', 'tiktoken') if m in sys.modules]; print(heavy)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
     assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_tutorial_example_samples_what_generate_samples(gpt2_shaped_repo):
+    prompt = "Once upon a time"
+    result = subprocess.run(
+        [sys.executable, "examples/generate_gpt2.py", prompt, "--model", gpt2_shaped_repo, "--max-new-tokens", "10",
+         "--top-k", "20", "--seed", "3"],
+        capture_output=True, text=True, env=_env(), cwd=REPO_ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    model = gpt2_from_pretrained(gpt2_shaped_repo)
+    tokenizer = tokenizer_from_pretrained(gpt2_shaped_repo)
+    idx = torch.tensor([tokenizer.encode(prompt).ids])
+    out = generate(model, idx, 10, top_k=20, eos_token_id=50256, generator=torch.Generator().manual_seed(3))
+    assert result.stdout == tokenizer.decode(out[0].tolist(), skip_special_tokens=False).split("<|endoftext|>")[0] + "\n"
