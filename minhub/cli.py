@@ -22,13 +22,17 @@ def generate_command(args: argparse.Namespace) -> int:
     except (LoadError, ValueError) as e:
         print(f"minhub: {e}", file=sys.stderr)
         return 2
+    if args.dtype == "bfloat16" and model.transformer.wte.weight.device.type == "cpu":
+        from minhub.fast import prepack
+
+        prepack(model, torch.bfloat16)  # bf16 matmuls on CPU are only fast with weights packed once
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         print(f"minhub: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
               f"{model.config.vocab_size}: they do not belong together", file=sys.stderr)
         return 2
     generator = None
     if args.seed is not None:
-        generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(args.seed)
+        generator = torch.Generator(device=model.transformer.wte.weight.device).manual_seed(args.seed)
     eos = None if args.ignore_eos else model.config.eos_token_id
     sys.stdout.write(args.prompt)
     sys.stdout.flush()

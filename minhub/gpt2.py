@@ -200,8 +200,10 @@ class GPT2(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
-            wpe=nn.Embedding(config.n_positions, config.n_embd),  # learned absolute position embeddings
+            # token and learned absolute position embeddings; an explicit empty _weight skips nn.Embedding's own
+            # normal_() init, which on the meta device imports torch._dynamo (~2 s); init_weights() fills them
+            wte=nn.Embedding(config.vocab_size, config.n_embd, _weight=torch.empty(config.vocab_size, config.n_embd)),
+            wpe=nn.Embedding(config.n_positions, config.n_embd, _weight=torch.empty(config.n_positions, config.n_embd)),
             drop=nn.Dropout(config.embd_pdrop),
             h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
@@ -210,17 +212,21 @@ class GPT2(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         self.cache_len = 0  # slots in the KV cache, 0 until setup_cache()
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):  # GPT-2 paper: scale residual projections by 1/sqrt(2 * n_layer)
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if not self.lm_head.weight.is_meta:  # on the meta device, weights are about to be loaded: skip the init
+            self.init_weights()
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    def init_weights(self) -> None:
+        """GPT-2's initialisation, for training from scratch: N(0, 0.02), residual projections scaled down by
+        sqrt(2 * n_layer) (GPT-2 paper, section 2.3), zero biases, LayerNorms at identity."""
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+            elif name.endswith("weight") and p.dim() == 2:
+                nn.init.normal_(p, mean=0.0, std=0.02)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.ones_(p)  # LayerNorm gains
 
     def num_parameters(self) -> int:
         """Parameters counted once (the tied lm_head is wte)."""
@@ -231,7 +237,7 @@ class GPT2(nn.Module):
         max_len = max_len or self.config.n_positions
         if max_len > self.config.n_positions:
             raise ValueError(f"max_len={max_len} exceeds the context window n_positions={self.config.n_positions}")
-        p = self.lm_head.weight
+        p = self.transformer.wte.weight  # the cache takes the model's dtype and device
         old = self.transformer.h[0].attn.kv_cache
         if old is not None and old.k.shape[0] == batch_size and old.k.shape[2] == max_len and old.k.dtype == p.dtype \
                 and old.k.device == p.device:

@@ -19,7 +19,7 @@ def stream_text(model: GPT2, tokenizer: Any, prompt: str, max_new_tokens: int, *
     from tokenizers.decoders import DecodeStream
 
     ids = tokenizer.encode(prompt).ids if prompt else [model.config.bos_token_id]
-    idx = torch.tensor([ids], device=model.lm_head.weight.device)
+    idx = torch.tensor([ids], device=model.transformer.wte.weight.device)
     decoder = DecodeStream(skip_special_tokens=True)
     eos = sampling.get("eos_token_id")
     eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)

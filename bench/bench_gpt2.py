@@ -1,0 +1,247 @@
+"""GPT-2 124M inference, minhub next to transformers, in one process on the same weights.
+
+Prints the machine, absolute figures, ratios (minhub / transformers) and the memory-bandwidth roofline, then a
+markdown table for the README. Run from the repo root:  python bench/bench_gpt2.py
+(--model DIR_OR_REPO uses real weights; by default a random checkpoint with GPT-2 124M's exact shapes is written to a
+temporary directory: speed does not depend on the values.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from minhub import generate, gpt2_from_pretrained
+
+
+def write_random_gpt2(directory: Path) -> Path:
+    """A random checkpoint in the OpenAI gpt2 repo's layout: (in, out) Conv1D weights, mask buffers, no lm_head."""
+    from safetensors.torch import save_file
+
+    d, v, p, n_layer = 768, 50257, 1024, 12
+    state = {"wte.weight": torch.randn(v, d) * 0.02, "wpe.weight": torch.randn(p, d) * 0.01,
+             "ln_f.weight": torch.ones(d), "ln_f.bias": torch.zeros(d)}
+    for i in range(n_layer):
+        state.update({
+            f"h.{i}.ln_1.weight": torch.ones(d), f"h.{i}.ln_1.bias": torch.zeros(d),
+            f"h.{i}.attn.bias": torch.tril(torch.ones(p, p)).view(1, 1, p, p),
+            f"h.{i}.attn.c_attn.weight": torch.randn(d, 3 * d) * 0.02, f"h.{i}.attn.c_attn.bias": torch.zeros(3 * d),
+            f"h.{i}.attn.c_proj.weight": torch.randn(d, d) * 0.02, f"h.{i}.attn.c_proj.bias": torch.zeros(d),
+            f"h.{i}.ln_2.weight": torch.ones(d), f"h.{i}.ln_2.bias": torch.zeros(d),
+            f"h.{i}.mlp.c_fc.weight": torch.randn(d, 4 * d) * 0.02, f"h.{i}.mlp.c_fc.bias": torch.zeros(4 * d),
+            f"h.{i}.mlp.c_proj.weight": torch.randn(4 * d, d) * 0.02, f"h.{i}.mlp.c_proj.bias": torch.zeros(d),
+        })
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": v, "n_positions": p,
+              "n_ctx": p, "n_embd": d, "n_layer": n_layer, "n_head": 12, "activation_function": "gelu_new",
+              "layer_norm_epsilon": 1e-5, "bos_token_id": 50256, "eos_token_id": 50256}
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def machine() -> str:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def bandwidth_gbs(rounds: int = 7) -> float:
+    """Read bandwidth: the best time to sum a 1 GiB float32 tensor (read once, nothing written back)."""
+    x = torch.ones(2**28)
+    x.sum()
+    best = min(_timed(x.sum) for _ in range(rounds))
+    del x
+    return 2**30 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def decode_rate(run, new_tokens: int) -> tuple[float, float]:
+    """(decode tokens/s, time to first token in s) for a `run(max_new_tokens)` callable: the time of generating
+    `new_tokens` minus the time of generating 1, over new_tokens - 1 steps."""
+    first = _timed(lambda: run(1))
+    total = _timed(lambda: run(new_tokens))
+    return (new_tokens - 1) / (total - first), first
+
+
+def ours(model, idx, max_new):
+    return generate(model, idx, max_new, temperature=0)
+
+
+def theirs(model, idx, max_new):
+    return model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=max_new, min_new_tokens=max_new,
+                          do_sample=False, pad_token_id=50256)
+
+
+def paired(fns: dict, rounds: int) -> dict:
+    """Run each callable once per round, in turn, for `rounds` rounds; return each one's median."""
+    results = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            results[name].append(fn())
+    return {name: statistics.median(values) for name, values in results.items()}
+
+
+def load_benchmark(model_dir: Path, rounds: int) -> dict:
+    """Whole-process time (imports included) and peak RSS of loading the checkpoint, in fresh processes."""
+    scripts = {
+        "ours": "from minhub import gpt2_from_pretrained as load; m = load(sys.argv[1])",
+        "theirs": "from transformers import GPT2LMHeadModel; m = GPT2LMHeadModel.from_pretrained(sys.argv[1])",
+    }
+    # peak RSS from /proc (VmHWM, in kB): ru_maxrss survives exec, so a child of this big process would report
+    # its parent's peak
+    probe = ("import re, sys, torch; hwm = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1]);"
+             " base = hwm(); {load}; m(torch.tensor([[1, 2, 3]])); print(base, hwm())")
+    out = {}
+    for name, load in scripts.items():
+        times, rss = [], []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            result = subprocess.run([sys.executable, "-c", probe.format(load=load), str(model_dir)],
+                                    capture_output=True, text=True, check=True)
+            times.append(time.perf_counter() - t)
+            base_kb, peak_kb = map(int, result.stdout.split()[-2:])
+            rss.append((base_kb * 1024, peak_kb * 1024))
+        out[name] = {"seconds": statistics.median(times), "rss_after_torch_import": rss[0][0],
+                     "peak_rss": statistics.median(r[1] for r in rss)}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="checkpoint directory or repo id (default: random 124M)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--long", type=int, default=1200, help="tokens for the long-generation check (0: skip)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from transformers import GPT2LMHeadModel
+
+    tmp = tempfile.TemporaryDirectory()
+    model_dir = Path(args.model) if args.model else write_random_gpt2(Path(tmp.name) / "gpt2")
+    model = gpt2_from_pretrained(model_dir)
+    ref = GPT2LMHeadModel.from_pretrained(model_dir).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bytes_per_token = weight_bytes - model.transformer.wpe.weight.numel() * 4  # one wpe row per token is negligible
+
+    print(f"machine: {machine()}")
+    bw = bandwidth_gbs()
+    roofline = bw * 1e9 / bytes_per_token
+    print(f"read bandwidth {bw:.1f} GB/s; weights {weight_bytes / 1e6:.0f} MB; fp32 batch-1 roofline "
+          f"{roofline:.1f} tok/s")
+
+    from minhub.fast import prepack
+
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    bf16 = prepack(gpt2_from_pretrained(model_dir), torch.bfloat16)
+    with torch.inference_mode():
+        # identical outputs first: a fast path that changes the tokens is not a speed-up
+        prompt = torch.randint(0, 50257, (1, 32), generator=g)
+        assert torch.equal(ours(model, prompt, 32), theirs(ref, prompt, 32)), "greedy tokens differ"
+
+        for batch in (1, 8):
+            idx = torch.randint(0, 50257, (batch, 32), generator=g)
+            fp32_packed = prepack(gpt2_from_pretrained(model_dir), torch.float32, batch)
+            assert torch.equal(ours(fp32_packed, idx, 16), ours(model, idx, 16)), "packed fp32 tokens differ"
+            variants = {"minhub fp32": (ours, model), "minhub fp32 packed": (ours, fp32_packed),
+                        "minhub bf16 packed": (ours, bf16), "transformers fp32": (theirs, ref)}
+            for fn, m in variants.values():
+                fn(m, idx, 4)  # warm up
+
+            def rate(fn, m):
+                return decode_rate(lambda n: fn(m, idx, n), args.new_tokens)[0] * batch
+
+            r = paired({name: (lambda fn=fn, m=m: rate(fn, m)) for name, (fn, m) in variants.items()}, args.rounds)
+            base = r["transformers fp32"]
+            print(f"decode batch {batch} (tok/s): " + ", ".join(f"{k} {v:.1f}" for k, v in r.items()), flush=True)
+            for name in ("minhub fp32", "minhub fp32 packed", "minhub bf16 packed"):
+                rows.append((f"decode, batch {batch}, {name} (tok/s)", r[name], base, r[name] / base))
+            if batch == 1:
+                print(f"  share of the fp32 roofline: minhub {r['minhub fp32'] / roofline:.0%}, transformers "
+                      f"{base / roofline:.0%}", flush=True)
+                rows.append(("decode, batch 1, fp32, share of the bandwidth roofline", r["minhub fp32"] / roofline,
+                             base / roofline, r["minhub fp32"] / base))
+            del fp32_packed
+
+        idx = torch.randint(0, 50257, (1, 512), generator=g)
+        r = paired({"ours": lambda: _timed(lambda: ours(model, idx, 1)),
+                    "theirs": lambda: _timed(lambda: theirs(ref, idx, 1))}, args.rounds)
+        print(f"time to first token, 512-token prompt: minhub {r['ours'] * 1e3:.0f} ms, transformers "
+              f"{r['theirs'] * 1e3:.0f} ms (lower is better)", flush=True)
+        rows.append(("time to first token, 512-token prompt, fp32 (ms)", r["ours"] * 1e3, r["theirs"] * 1e3,
+                     r["ours"] / r["theirs"]))
+
+        # bf16 accuracy: teacher-forced over one 512-token sequence, against the fp32 model
+        logits32, logits16 = model(idx)[0], bf16(idx)[0].float()
+        agree = (logits32.argmax(-1) == logits16.argmax(-1)).float().mean().item()
+        delta = (logits32 - logits16).abs().max().item()
+        print(f"bf16 packed vs fp32, teacher-forced 512 tokens: top-1 agreement {agree:.1%}, max |dlogit| {delta:.3f}"
+              f" (logit range {logits32.min():.1f}..{logits32.max():.1f})", flush=True)
+
+    del ref
+    gc.collect()
+    load = load_benchmark(model_dir, max(3, args.rounds // 2))
+    o, t = load["ours"], load["theirs"]
+    print(f"load, whole process: minhub {o['seconds']:.2f} s, transformers {t['seconds']:.2f} s, "
+          f"speed-up {t['seconds'] / o['seconds']:.2f}x; peak RSS minhub {o['peak_rss'] / 1e6:.0f} MB "
+          f"({(o['peak_rss'] - o['rss_after_torch_import']) / weight_bytes:.2f}x the weights above the torch import), "
+          f"transformers {t['peak_rss'] / 1e6:.0f} MB "
+          f"({(t['peak_rss'] - t['rss_after_torch_import']) / weight_bytes:.2f}x)", flush=True)
+    rows.append(("load + first forward, whole process (s)", o["seconds"], t["seconds"], o["seconds"] / t["seconds"]))
+    rows.append(("load peak RSS (MB)", o["peak_rss"] / 1e6, t["peak_rss"] / 1e6, None))
+    rows.append(("load peak RSS above `import torch`, x weight bytes",
+                 (o["peak_rss"] - o["rss_after_torch_import"]) / weight_bytes,
+                 (t["peak_rss"] - t["rss_after_torch_import"]) / weight_bytes, None))
+
+    if args.long:
+        with torch.inference_mode():
+            idx = torch.randint(0, 50257, (1, 32), generator=g)
+            stamps, rss = [], []
+            from minhub import generate_stream
+
+            t0 = time.perf_counter()
+            for step, _ in enumerate(generate_stream(model, idx, args.long, temperature=0)):
+                if step % 100 == 99:
+                    stamps.append(time.perf_counter() - t0)
+                    rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            per_token = [1e3 * (b - a) / 100 for a, b in zip([0.0] + stamps, stamps)]
+            print("long generation, ms/token per 100 tokens: " + " ".join(f"{x:.1f}" for x in per_token))
+            print("long generation, peak RSS (MB) per 100 tokens: " + " ".join(f"{x:.0f}" for x in rss))
+
+    print(f"\n{machine()}; read bandwidth {bw:.1f} GB/s\n")
+    print(f"bf16 packed vs fp32: teacher-forced top-1 agreement {agree:.1%}, max |dlogit| {delta:.3f}\n")
+    print("| GPT-2 124M, CPU, greedy | minhub | transformers fp32 | minhub / transformers |")
+    print("|---|---|---|---|")
+    for name, a, b, ratio in rows:
+        fmt = (lambda x: f"{x:.0%}") if "roofline" in name else (lambda x: f"{x:.2f}" if x < 10 else f"{x:.1f}")
+        print(f"| {name} | {fmt(a)} | {fmt(b)} | {'' if ratio is None else f'{ratio:.2f}x'} |")
+
+
+if __name__ == "__main__":
+    main()

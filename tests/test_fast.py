@@ -1,0 +1,51 @@
+"""The prepacked CPU path computes what the plain model computes."""
+
+import pytest
+import torch
+from helpers import hf_gpt2, save_checkpoint
+
+from minhub import generate, gpt2_from_pretrained, pad_left
+from minhub.fast import PackedLinear, prepack
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_checkpoint(hf_gpt2(seed=5, n_positions=40, n_layer=3), tmp_path_factory.mktemp("ckpt"), "openai")
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_fp32_packed_equals_the_plain_model(checkpoint, batch_size):
+    plain = gpt2_from_pretrained(checkpoint)
+    packed = prepack(gpt2_from_pretrained(checkpoint), torch.float32, batch_size)
+    assert isinstance(packed.lm_head, PackedLinear) and isinstance(packed.transformer.h[0].mlp.c_fc, PackedLinear)
+    idx = torch.randint(0, 101, (batch_size, 40))
+    with torch.inference_mode():
+        assert (packed(idx) - plain(idx)).abs().max().item() <= 1e-4
+    prompt = idx[:, :6]
+    assert torch.equal(generate(packed, prompt, 60, temperature=0), generate(plain, prompt, 60, temperature=0))
+    prompts, mask = pad_left([[1, 2, 3], [4]], pad_id=0)
+    assert torch.equal(generate(packed, prompts, 20, temperature=0, attention_mask=mask),
+                       generate(plain, prompts, 20, temperature=0, attention_mask=mask))
+
+
+def test_bf16_packed_stays_close_to_fp32(checkpoint):
+    plain = gpt2_from_pretrained(checkpoint)
+    packed = prepack(gpt2_from_pretrained(checkpoint), torch.bfloat16)
+    idx = torch.randint(0, 101, (2, 40))
+    with torch.inference_mode():
+        ref, ours = plain(idx), packed(idx).float()
+    assert ours.dtype == torch.float32 and packed.transformer.wte.weight.dtype == torch.bfloat16
+    assert (ours - ref).abs().max().item() < 0.1 * ref.abs().max().item()
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.9
+    out = generate(packed, idx[:, :5], 10, top_k=5, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 15)
+
+
+def test_prepack_refuses_what_it_cannot_do(checkpoint):
+    model = gpt2_from_pretrained(checkpoint)
+    with pytest.raises(ValueError, match="supports torch.float32 and torch.bfloat16"):
+        prepack(model, torch.float16)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        prepack(model, torch.float32, 0)
