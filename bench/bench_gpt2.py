@@ -137,6 +137,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--long", type=int, default=1200, help="tokens for the long-generation check (0: skip)")
+    parser.add_argument("--window-shift", type=int, default=256, help="generate()'s window_shift for that check")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -226,12 +227,14 @@ def main() -> None:
             from minhub import generate_stream
 
             t0 = time.perf_counter()
-            for step, _ in enumerate(generate_stream(model, idx, args.long, temperature=0)):
+            for step, _ in enumerate(generate_stream(model, idx, args.long, temperature=0,
+                                                     window_shift=args.window_shift)):
                 if step % 100 == 99:
                     stamps.append(time.perf_counter() - t0)
                     rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
             per_token = [1e3 * (b - a) / 100 for a, b in zip([0.0] + stamps, stamps)]
-            print("long generation, ms/token per 100 tokens: " + " ".join(f"{x:.1f}" for x in per_token))
+            print(f"long generation (window_shift={args.window_shift}), ms/token per 100 tokens: "
+                  + " ".join(f"{x:.1f}" for x in per_token))
             print("long generation, peak RSS (MB) per 100 tokens: " + " ".join(f"{x:.0f}" for x in rss))
 
     print(f"\n{machine()}; read bandwidth {bw:.1f} GB/s\n")

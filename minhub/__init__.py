@@ -16,6 +16,7 @@ from minhub.gpt2 import (
     sample_next_token,
     tokenizer_from_pretrained,
 )
+from minhub.gpt4 import GPT4, GPT4Config
 from minhub.streaming import stream_text
 
 __version__ = "0.1.0"
@@ -23,6 +24,8 @@ __version__ = "0.1.0"
 __all__ = [
     "GPT2",
     "GPT2Config",
+    "GPT4",
+    "GPT4Config",
     "CheckpointError",
     "ConfigError",
     "LoadError",

@@ -240,7 +240,7 @@ class GPT2(nn.Module):
         p = self.transformer.wte.weight  # the cache takes the model's dtype and device
         old = self.transformer.h[0].attn.kv_cache
         if old is not None and old.k.shape[0] == batch_size and old.k.shape[2] == max_len and old.k.dtype == p.dtype \
-                and old.k.device == p.device:
+                and old.k.device == p.device and old.k.is_inference() == torch.is_inference_mode_enabled():
             return
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache(batch_size, self.config.n_head, max_len, block.attn.head_size, p.dtype, p.device)
@@ -319,7 +319,7 @@ def check_token_ids(idx: torch.Tensor, config: GPT2Config) -> None:
             f"keep the last {config.n_positions} tokens (idx[:, -{config.n_positions}:]) or use generate(), "
             "which slides the window"
         )
-    if idx.numel() and (idx.min() < 0 or idx.max() >= config.vocab_size):
+    if idx.numel() and not idx.is_meta and (idx.min() < 0 or idx.max() >= config.vocab_size):
         bad = idx[(idx < 0) | (idx >= config.vocab_size)].unique().tolist()
         raise ValueError(
             f"token ids {bad[:10]} are outside the vocabulary [0, {config.vocab_size}): was the prompt encoded "
@@ -388,7 +388,7 @@ def generate_stream(
     eos_token_id: int | list[int] | None = None,
     attention_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-    window_shift: int | None = None,
+    window_shift: int = 1,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), as soon as it is sampled; the arguments are `generate`'s."""
     config = model.config
@@ -397,8 +397,7 @@ def generate_stream(
     check_sampling_args(temperature, top_k, top_p)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    window_shift = window_shift or max(1, n_ctx // 4)
-    if not 1 <= window_shift < n_ctx:
+    if not isinstance(window_shift, int) or not 1 <= window_shift < n_ctx:
         raise ValueError(f"window_shift must be in [1, n_positions={n_ctx}), got {window_shift}")
     eos = None
     if eos_token_id is not None:
@@ -475,7 +474,7 @@ def generate(
     eos_token_id: int | list[int] | None = None,
     attention_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-    window_shift: int | None = None,
+    window_shift: int = 1,
 ) -> torch.Tensor:
     """Continue each prompt in `idx` (B, T) by up to `max_new_tokens` tokens; return (B, T + generated).
 
@@ -485,10 +484,11 @@ def generate(
         has finished (so fewer than max_new_tokens may be returned, as in transformers).
     attention_mask: (B, T) for left-padded batches of prompts of different lengths (see `pad_left`).
     generator: a seeded torch.Generator makes sampling repeatable.
-    window_shift: once the sequence fills the n_positions context window, the oldest `window_shift` tokens are
-        dropped and the cache is rebuilt, so every token is predicted from between n_positions - window_shift and
-        n_positions previous tokens (default n_positions // 4; 1 re-crops to exactly the last n_positions tokens
-        for every new token, at the cost of a full forward pass per token).
+    window_shift: past the n_positions context window every token is predicted from the last n_positions tokens
+        (the default, 1), which costs a full forward pass per token since GPT-2's absolute positions make every
+        cached key stale when the window moves. A larger value drops that many of the oldest tokens at once and
+        rebuilds the cache only then: each token then sees between n_positions - window_shift and n_positions
+        previous tokens, and the rebuild cost is shared by window_shift tokens (e.g. 256 for long generations).
     A 1-D idx is taken as one prompt and gives a 1-D result.
     """
     squeeze = isinstance(idx, torch.Tensor) and idx.dim() == 1

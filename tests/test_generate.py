@@ -134,15 +134,22 @@ def _reference_sliding_greedy(ref, prompt, steps, n_ctx, shift):
     return tokens
 
 
-@pytest.mark.parametrize("shift", [1, 5, None])
+@pytest.mark.parametrize("shift", [1, 5, 12])
 def test_generation_past_the_context_window_slides_it(pair, shift):
     ref, model = pair
     n_ctx = ref.config.n_positions
     prompt = torch.randint(0, 101, (20,)).tolist()
     ours = generate(model, torch.tensor([prompt]), 110, temperature=0, window_shift=shift)
-    expected = _reference_sliding_greedy(ref, prompt, 110, n_ctx, shift or n_ctx // 4)
+    expected = _reference_sliding_greedy(ref, prompt, 110, n_ctx, shift)
     assert ours[0].tolist() == expected
     assert model.transformer.h[0].attn.kv_cache.k.shape[2] == n_ctx  # the cache never grows past the window
+
+
+def test_by_default_generation_past_the_window_sees_exactly_the_last_n_positions_tokens(pair):
+    ref, model = pair
+    prompt = torch.randint(0, 101, (30,)).tolist()
+    expected = _reference_sliding_greedy(ref, prompt, 40, ref.config.n_positions, 1)
+    assert generate(model, torch.tensor([prompt]), 40, temperature=0)[0].tolist() == expected
 
 
 def test_stream_yields_what_generate_returns(pair):

@@ -105,3 +105,32 @@ def test_tutorial_example_samples_what_generate_samples(gpt2_shaped_repo):
     idx = torch.tensor([tokenizer.encode(prompt).ids])
     out = generate(model, idx, 10, top_k=20, eos_token_id=50256, generator=torch.Generator().manual_seed(3))
     assert result.stdout == tokenizer.decode(out[0].tolist(), skip_special_tokens=False).split("<|endoftext|>")[0] + "\n"
+
+
+def test_gpt4_py_copied_alone_builds_saves_loads_and_samples(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(Path(minhub.__file__).parent / "gpt4.py", project / "gpt4.py")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(project)!r})
+        import gpt4
+        torch.manual_seed(0)
+        model = gpt4.GPT4(num_tokens=50, max_seq_len=32, dim=32, depth=2, dim_head=16, heads=4, alibi_num_heads=2)
+        model.save_pretrained({str(tmp_path / "run")!r})
+        loaded = gpt4.GPT4.from_pretrained({str(tmp_path / "run")!r})
+        prompt = torch.tensor([[1, 2, 3]])
+        assert torch.equal(loaded.generate(prompt, 40, temperature=0), model.generate(prompt, 40, temperature=0))
+        assert not any(name == "minhub" or name.startswith("minhub.") for name in sys.modules)
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-I", "-c", script], cwd=project, capture_output=True, text=True,
+                            env=_env())
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_gpt4_example_runs():
+    result = subprocess.run([sys.executable, "examples/gpt4_generate.py", "--new-tokens", "12"],
+                            capture_output=True, text=True, env=_env(), cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()[-1].strip("[]").split(",")) == 12
