@@ -1,4 +1,4 @@
-"""The `minhub` command line: `minhub generate MODEL PROMPT`."""
+"""The `minhub` command line: `minhub generate MODEL PROMPT`, `minhub train`, `minhub plot RUN`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,17 @@ import sys
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def _model_type(identifier: str, revision: str | None) -> str:
+    """'gpt2' or 'minhub-gpt4', from a local directory's config.json (hub repos are GPT-2 checkpoints)."""
+    import json
+    from pathlib import Path
+
+    config = Path(identifier).expanduser() / "config.json"
+    if config.is_file():
+        return json.loads(config.read_text()).get("model_type", "gpt2")
+    return "gpt2"
+
+
 def generate_command(args: argparse.Namespace) -> int:
     """Load MODEL and its tokenizer from one commit, then stream the continuation of PROMPT to stdout."""
     import torch
@@ -15,11 +26,14 @@ def generate_command(args: argparse.Namespace) -> int:
     from minhub.gpt2 import LoadError, gpt2_from_pretrained, tokenizer_from_pretrained
     from minhub.streaming import stream_text
 
+    dtype = getattr(torch, args.dtype)
     try:
-        model = gpt2_from_pretrained(args.model, args.revision, dtype=getattr(torch, args.dtype), device=args.device)
+        if _model_type(args.model, args.revision) == "minhub-gpt4":
+            return _generate_gpt4(args, dtype)
+        model = gpt2_from_pretrained(args.model, args.revision, dtype=dtype, device=args.device)
         # the model's commit, not the branch name: model and tokenizer come from the same files
         tokenizer = tokenizer_from_pretrained(args.model, model.commit_hash or args.revision)
-    except (LoadError, ValueError) as e:
+    except (LoadError, ValueError, FileNotFoundError) as e:
         print(f"minhub: {e}", file=sys.stderr)
         return 2
     if args.dtype == "bfloat16" and model.transformer.wte.weight.device.type == "cpu":
@@ -48,6 +62,73 @@ def generate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_gpt4(args: argparse.Namespace, dtype) -> int:
+    """A GPT4-style run directory: sample with its top-k / top-p filter, then print the text."""
+    import torch
+
+    from minhub.gpt2 import tokenizer_from_pretrained
+    from minhub.gpt4 import GPT4
+
+    model = GPT4.from_pretrained(args.model, args.revision, dtype=dtype, device=args.device)
+    tokenizer = tokenizer_from_pretrained(args.model)
+    ids = tokenizer.encode(args.prompt).ids or [0]
+    generator = None if args.seed is None else torch.Generator(device=args.device).manual_seed(args.seed)
+    name, kwargs = ("top_p", {"thres": args.top_p}) if args.top_p else ("top_k", {"k": args.top_k or None})
+    new = model.generate(torch.tensor([ids], device=args.device), args.max_new_tokens, temperature=args.temperature,
+                         filter_logits_fn=name, filter_kwargs=kwargs, generator=generator)
+    print(args.prompt + tokenizer.decode(new[0].tolist()))
+    return 0
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """Train a model from scratch (see minhub/train.py)."""
+    from minhub.train import TrainError, config_from_args, train
+
+    try:
+        train(config_from_args(args))
+    except TrainError as e:
+        print(f"minhub: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def plot_command(args: argparse.Namespace) -> int:
+    """Draw RUN/log.jsonl's train and validation loss curves into RUN/loss.png."""
+    import json
+    from pathlib import Path
+
+    log = Path(args.run) / "log.jsonl"
+    if not log.is_file():
+        print(f"minhub: {log} does not exist: is {args.run} a `minhub train` run directory?", file=sys.stderr)
+        return 2
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("minhub: plotting needs matplotlib: pip install 'minhub[plot]'", file=sys.stderr)
+        return 2
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    latest = {row["step"]: row for row in rows}  # a resumed run may log a step again: keep the last
+    steps = sorted(latest)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+        ax.plot(steps, [latest[s][key] for s in steps], marker="o", markersize=3, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.set_title(Path(args.run).name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = Path(args.output) if args.output else Path(args.run) / "loss.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minhub", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -64,11 +145,49 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=DTYPES, default="float32")
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     gen.add_argument("--ignore-eos", action="store_true", help="keep going after <|endoftext|>")
-    gen.set_defaults(run=generate_command)
+    gen.set_defaults(handler=generate_command)
+
+    from minhub.train import TrainConfig
+
+    defaults = TrainConfig()
+    tr = commands.add_parser("train", help="train a GPT-2 or GPT4-style model from scratch on a text file",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tr.add_argument("--data", required=True, help="UTF-8 text file")
+    tr.add_argument("--out", required=True, help="run directory (checkpoints, tokenizer, logs)")
+    tr.add_argument("--model", choices=("gpt2", "gpt4"), default=defaults.model)
+    tr.add_argument("--tokenizer", default=defaults.tokenizer,
+                    help="char, gpt2, or a tokenizer.json / directory / hub repo")
+    for name, help_text in [
+        ("n_layer", "layers (gpt4: depth)"), ("n_head", "attention heads"), ("n_embd", "model width (gpt4: dim)"),
+        ("block_size", "context length"), ("dim_head", "gpt4: width of one head"),
+        ("alibi_num_heads", "gpt4: heads with ALiBi (default half)"), ("batch_size", "sequences per micro-step"),
+        ("grad_accum", "micro-steps per optimizer step"), ("max_steps", "optimizer steps"),
+        ("warmup_steps", "linear warmup steps"), ("eval_every", "steps between loss estimates"),
+        ("eval_steps", "batches per loss estimate"), ("save_every", "steps between checkpoints (default eval_every)"),
+        ("seed", "random seed"),
+    ]:
+        tr.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name), help=help_text)
+    for name, help_text in [("dropout", "gpt2 dropout"), ("lr", "peak learning rate"), ("min_lr", "final lr"),
+                            ("weight_decay", "AdamW weight decay (matrices only)"), ("beta1", "AdamW beta1"),
+                            ("beta2", "AdamW beta2"), ("grad_clip", "max gradient norm, 0 disables"),
+                            ("val_fraction", "share of the tokens held out for validation")]:
+        tr.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name), help=help_text)
+    tr.add_argument("--token-dtype", choices=("auto", "uint16", "uint32"), default=defaults.token_dtype)
+    tr.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:1, mps")
+    tr.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=defaults.dtype,
+                    help="auto: bf16/fp16 autocast on CUDA, fp32 on CPU")
+    tr.add_argument("--compile", action="store_true", help="torch.compile the model")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    tr.set_defaults(handler=train_command)
+
+    pl = commands.add_parser("plot", help="plot a run's train/validation loss curves to a PNG (needs matplotlib)")
+    pl.add_argument("run", help="run directory of `minhub train`")
+    pl.add_argument("--output", default=None, help="PNG path (default RUN/loss.png)")
+    pl.set_defaults(handler=plot_command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `minhub` console script and `python -m minhub`."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    return args.handler(args)

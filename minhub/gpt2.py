@@ -232,6 +232,23 @@ class GPT2(nn.Module):
         """Parameters counted once (the tied lm_head is wte)."""
         return sum(p.numel() for p in self.parameters())
 
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write config.json and model.safetensors in the hub's layout (`save_pretrained`'s: `transformer.` prefix,
+        Conv1D weights stored (in, out), tied lm_head left out), which gpt2_from_pretrained and transformers load."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {}
+        for name, tensor in self.state_dict().items():
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            if name.endswith(CONV1D_WEIGHTS):
+                tensor = tensor.t()
+            state[name] = tensor.detach().contiguous().cpu()
+        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        (directory / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+
     def setup_cache(self, batch_size: int, max_len: int | None = None) -> None:
         """Allocate the KV cache for `batch_size` rows and `max_len` slots (default n_positions); reused if it fits."""
         max_len = max_len or self.config.n_positions

@@ -1,0 +1,508 @@
+"""Train a GPT-2 or GPT4-style model from scratch on a text file: `minhub train --data input.txt --out runs/x`.
+
+The run directory ends up holding what `gpt2_from_pretrained` / `GPT4.from_pretrained` load (config.json,
+model.safetensors, tokenizer.json), plus `train_state.pt` (model, optimizer, step, random states) for `--resume`,
+`log.jsonl` (train/val loss every eval) and the tokenized data (`train.bin`, `val.bin`, `data.json`).
+
+Reading order: TrainConfig -> tokenizers -> data (tokenize once into memory-mapped files, sample random blocks)
+-> model and optimizer -> learning rate -> checkpoints -> the training loop (`train`).
+Under `torchrun --nproc_per_node N` each process trains a DistributedDataParallel replica on its own batches.
+"""
+
+from __future__ import annotations
+
+import array
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class TrainError(ValueError):
+    """A training input that cannot work: the message says what to change."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; the CLI flags are these fields with dashes."""
+
+    data: str = "input.txt"
+    out: str = "runs/minhub"
+    model: str = "gpt2"  # gpt2 | gpt4
+    tokenizer: str = "char"  # char | gpt2 | a tokenizer.json path, directory or hub repo
+    # model shape (gpt2: n_layer/n_head/n_embd; gpt4: depth/heads/dim, dim_head, its attention options)
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    block_size: int = 256
+    dropout: float = 0.0  # gpt2 only
+    dim_head: int = 64  # gpt4 only
+    alibi_num_heads: int | None = None  # gpt4: default half the heads
+    # optimisation
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_steps: int = 5000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    # bookkeeping
+    eval_every: int = 250
+    eval_steps: int = 20
+    save_every: int | None = None  # default: every eval
+    val_fraction: float = 0.1
+    token_dtype: str = "auto"  # auto | uint16 | uint32
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto (bf16 or fp16 autocast on CUDA, fp32 elsewhere) | float32 | bfloat16 | float16
+    compile: bool = False
+    resume: bool = False
+
+    # the fields that define the model: a run directory cannot be continued with different ones
+    MODEL_FIELDS = ("model", "tokenizer", "n_layer", "n_head", "n_embd", "block_size", "dropout", "dim_head",
+                    "alibi_num_heads")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def char_tokenizer(chars: list[str]):
+    """A character-level `tokenizers.Tokenizer`: one id per character, in sorted order. It saves as an ordinary
+    tokenizer.json, so generation decodes it like any other; characters it has never seen map to the first one."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate(chars)}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=chars[0]))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character alone
+    tokenizer.decoder = decoders.Fuse()  # join the characters back without spaces
+    return tokenizer
+
+
+def load_tokenizer(spec: str, data: Path, chunk_chars: int):
+    """'char': built from the characters of `data`; 'gpt2': GPT-2's BPE; else a tokenizer.json, a directory or a repo."""
+    from tokenizers import Tokenizer
+
+    from minhub.gpt2 import tokenizer_from_pretrained
+
+    if spec == "char":
+        chars: set[str] = set()
+        for chunk in read_chunks(data, chunk_chars):
+            chars.update(chunk)
+        return char_tokenizer(sorted(chars))
+    if spec.endswith(".json") and Path(spec).is_file():
+        return Tokenizer.from_file(spec)
+    return tokenizer_from_pretrained(spec)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data: the text is tokenized once into memory-mapped token files; batches are random blocks of them
+
+
+def read_chunks(path: Path, chunk_chars: int):
+    """The text of `path` in pieces of about chunk_chars characters, cut after a newline where there is one, so a
+    file larger than memory streams through and BPE rarely sees a word cut in two."""
+    with open(path, encoding="utf-8") as f:
+        carry = ""
+        while True:
+            piece = f.read(chunk_chars)
+            if not piece:
+                if carry:
+                    yield carry
+                return
+            piece = carry + piece
+            cut = piece.rfind("\n") + 1
+            if cut == 0:
+                cut = len(piece)
+            carry = piece[cut:]
+            yield piece[:cut]
+
+
+TOKEN_DTYPES = {"uint16": (torch.uint16, "H", 2**16), "uint32": (torch.uint32, "I", 2**32)}  # torch, array code, ids
+
+
+def token_dtype(vocab_size: int, requested: str) -> str:
+    """uint16 for vocabularies of at most 65,536 tokens, else uint32; a requested uint16 must fit."""
+    if requested not in ("auto", *TOKEN_DTYPES):
+        raise TrainError(f"token_dtype must be auto, uint16 or uint32, not {requested!r}")
+    if requested == "auto":
+        requested = "uint16" if vocab_size <= 2**16 else "uint32"
+    if vocab_size > TOKEN_DTYPES[requested][2]:
+        raise TrainError(f"the vocabulary has {vocab_size:,} tokens, too many for a {requested} token file (at most "
+                         f"{TOKEN_DTYPES[requested][2]:,}): use --token-dtype uint32 (or auto)")
+    return requested
+
+
+def open_tokens(path: Path, dtype: str) -> torch.Tensor:
+    """A token file as a 1-D tensor, memory-mapped: pages are read when a batch touches them."""
+    torch_dtype = TOKEN_DTYPES[dtype][0]
+    return torch.from_file(str(path), shared=False, size=path.stat().st_size // torch_dtype.itemsize,
+                           dtype=torch_dtype)
+
+
+def check_data(config: TrainConfig) -> Path:
+    data = Path(config.data)
+    if not data.is_file():
+        raise TrainError(f"data file {data} does not exist: give a UTF-8 text file with --data")
+    if data.stat().st_size == 0:
+        raise TrainError(f"data file {data} is empty")
+    if not 0 < config.val_fraction < 1:
+        raise TrainError(f"val_fraction must be in (0, 1), got {config.val_fraction}")
+    return data
+
+
+def prepare_data(config: TrainConfig, out: Path, tokenizer, chunk_chars: int = 1 << 22) -> dict[str, Any]:
+    """Tokenize config.data into out/train.bin and out/val.bin (the last val_fraction of the tokens), once: a
+    matching out/data.json means it is already done. Returns data.json's contents."""
+    data = check_data(config)
+    vocab_size = tokenizer.get_vocab_size()
+    dtype = token_dtype(vocab_size, config.token_dtype)
+    stat = data.stat()
+    meta = {"source": str(data.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "tokenizer_sha256": hashlib.sha256(tokenizer.to_str().encode()).hexdigest(), "dtype": dtype,
+            "vocab_size": vocab_size, "val_fraction": config.val_fraction}
+    meta_path = out / "data.json"
+    if meta_path.is_file():
+        old = json.loads(meta_path.read_text())
+        if {k: old.get(k) for k in meta} == meta:
+            return old
+    # stream: encode piece by piece into one token file, then cut it into the two splits
+    all_path = out / "tokens.bin.tmp"
+    with open(all_path, "wb") as f:
+        for chunk in read_chunks(data, chunk_chars):
+            array.array(TOKEN_DTYPES[dtype][1], tokenizer.encode(chunk).ids).tofile(f)
+    tokens = open_tokens(all_path, dtype)
+    n = len(tokens)
+    n_val = int(n * config.val_fraction)
+    n_train = n - n_val
+    if min(n_train, n_val) <= config.block_size:
+        del tokens
+        all_path.unlink()
+        raise TrainError(f"{data} has {n:,} tokens: {n_train:,} for training and {n_val:,} for validation, but "
+                         f"each split needs more than block_size={config.block_size}: use a smaller --block-size, "
+                         "a larger file, or another --val-fraction")
+    itemsize = TOKEN_DTYPES[dtype][0].itemsize
+    with open(all_path, "rb") as src:
+        for name, count in (("train.bin", n_train), ("val.bin", n_val)):
+            tmp = out / (name + ".tmp")
+            with open(tmp, "wb") as dst:
+                remaining = count * itemsize
+                while remaining:
+                    piece = src.read(min(remaining, 1 << 24))
+                    dst.write(piece)
+                    remaining -= len(piece)
+            os.replace(tmp, out / name)
+    del tokens
+    all_path.unlink()
+    meta.update(train_tokens=n_train, val_tokens=n_val)
+    atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+class Batches:
+    """Random blocks of block_size + 1 tokens from a memory-mapped token file, drawn with a seeded generator."""
+
+    def __init__(self, path: Path, dtype: str, block_size: int, batch_size: int, seed: int, device) -> None:
+        self.tokens = open_tokens(path, dtype)
+        self.block_size, self.batch_size, self.device = block_size, batch_size, device
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(len(self.tokens) - self.block_size - 1, (self.batch_size,), generator=self.generator)
+        block = torch.stack([self.tokens[s:s + self.block_size + 1].long() for s in starts.tolist()])
+        block = block.to(self.device)
+        return block[:, :-1], block[:, 1:]  # inputs, next-token targets
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model, optimizer, learning rate
+
+
+def build_model(config: TrainConfig, vocab_size: int) -> nn.Module:
+    if config.model == "gpt2":
+        from minhub.gpt2 import GPT2, GPT2Config
+
+        return GPT2(GPT2Config(
+            vocab_size=vocab_size, n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer,
+            n_head=config.n_head, embd_pdrop=config.dropout, attn_pdrop=config.dropout, resid_pdrop=config.dropout,
+            bos_token_id=None, eos_token_id=None,
+        ))
+    if config.model == "gpt4":
+        from minhub.gpt4 import GPT4
+
+        return GPT4(num_tokens=vocab_size, max_seq_len=config.block_size, dim=config.n_embd, depth=config.n_layer,
+                    heads=config.n_head, dim_head=config.dim_head,
+                    alibi_num_heads=config.alibi_num_heads or max(1, config.n_head // 2))
+    raise TrainError(f"model must be gpt2 or gpt4, not {config.model!r}")
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig, fused: bool) -> torch.optim.AdamW:
+    """AdamW; weight decay on the matrices of linear layers and embeddings only, never on biases, norm gains or
+    QK-norm scales."""
+    matrices = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+    params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())  # tied weights once
+    decay = [p for p in params if id(p) in matrices]
+    no_decay = [p for p in params if id(p) not in matrices]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=fused or None)
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Linear warmup to lr, then cosine decay to min_lr at max_steps."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
+    return config.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checkpoints: every file is written to a temporary name and renamed over the old one, so a crash never leaves a
+# half-written file in place of a good one
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out: Path, model: nn.Module, optimizer, step: int, batches: Batches, config: TrainConfig,
+                    best_val: float) -> None:
+    """The loadable model (config.json + model.safetensors) first, then train_state.pt, which alone is enough to
+    resume: if a crash falls between the two, --resume continues from the previous, complete state."""
+    tmp = out / ".tmp-checkpoint"
+    tmp.mkdir(exist_ok=True)
+    model.save_pretrained(tmp)
+    for name in ("model.safetensors", "config.json"):
+        os.replace(tmp / name, out / name)
+    state = {
+        "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "best_val": best_val,
+        "rng": torch.get_rng_state(), "batch_rng": batches.generator.get_state(), "config": asdict(config),
+    }
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    torch.save(state, tmp / "train_state.pt")
+    os.replace(tmp / "train_state.pt", out / "train_state.pt")
+    tmp.rmdir()
+
+
+def check_run_directory(out: Path, config: TrainConfig) -> dict | None:
+    """Refuse to overwrite a run (of this model or another); with resume, return its saved train state."""
+    state_path = out / "train_state.pt"
+    if config.resume:
+        if not state_path.is_file():
+            raise TrainError(f"--resume: {out} has no train_state.pt to resume from")
+        return torch.load(state_path, map_location="cpu", weights_only=True)
+    run_config = out / "run.json"
+    if run_config.is_file():
+        old = json.loads(run_config.read_text())
+        different = {k: (old.get(k), getattr(config, k)) for k in TrainConfig.MODEL_FIELDS
+                     if old.get(k) != getattr(config, k)}
+        if different:
+            described = ", ".join(f"{k}: {a!r} there, {b!r} asked" for k, (a, b) in different.items())
+            raise TrainError(f"{out} holds a run of a different model ({described}): choose another --out "
+                             "(nothing was overwritten)")
+    if state_path.exists() or (out / "model.safetensors").exists():
+        raise TrainError(f"{out} already holds a trained model: pass --resume to continue it, or choose another "
+                         "--out (nothing was overwritten)")
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The training loop
+
+
+def _setup_distributed() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size); initialises the process group when launched by torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    return dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size()
+
+
+def _device(config: TrainConfig, local_rank: int) -> torch.device:
+    if config.device != "auto":
+        return torch.device(config.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling); fp32 elsewhere."""
+    if config.dtype == "float32" or device.type != "cuda":
+        return None
+    if config.dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, config.dtype)
+
+
+@torch.no_grad()
+def estimate_loss(model: nn.Module, batches: dict[str, Batches], steps: int, autocast, seed: int) -> dict[str, float]:
+    """Mean loss over `steps` batches of each split; the same batches every time, so evaluations compare."""
+    model.eval()
+    out = {}
+    for i, (split, source) in enumerate(batches.items()):
+        source.generator.manual_seed(seed + i)
+        losses = torch.zeros(steps)
+        for i in range(steps):
+            x, y = source.next()
+            with autocast():
+                losses[i] = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+def train(config: TrainConfig, callback: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+    """Train as `config` says; return the last {"step", "train_loss", "val_loss"}.
+
+    callback(step, metrics) is called after every optimizer step (metrics: loss, lr). Ctrl-C (KeyboardInterrupt)
+    saves a checkpoint at the last finished step before it propagates, so nothing is lost; a kill loses at most the
+    steps since the last periodic save (--save-every).
+    """
+    from contextlib import nullcontext
+
+    from tqdm import tqdm
+
+    rank, local_rank, world = _setup_distributed()
+    main_process = rank == 0
+    device = _device(config, local_rank)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    resumed = check_run_directory(out, config)
+    if resumed is not None:  # the run's own settings, except how long and where to go on
+        keep = ("max_steps", "eval_every", "eval_steps", "save_every", "device", "resume", "compile")
+        config = TrainConfig(**{**resumed["config"], **{k: getattr(config, k) for k in keep}})
+    for name in ("batch_size", "grad_accum", "max_steps", "block_size", "eval_every", "eval_steps"):
+        if getattr(config, name) <= 0:
+            raise TrainError(f"{name} must be positive, got {getattr(config, name)}")
+    torch.manual_seed(config.seed + rank)
+
+    # data: rank 0 tokenizes, the others wait for it
+    tokenizer_path = out / "tokenizer.json"
+    if main_process:
+        check_data(config)
+        if resumed is None or not tokenizer_path.is_file():
+            tokenizer = load_tokenizer(config.tokenizer, Path(config.data), 1 << 22)
+            tokenizer.save(str(tokenizer_path.with_name("tokenizer.json.tmp")))
+            os.replace(tokenizer_path.with_name("tokenizer.json.tmp"), tokenizer_path)
+        from tokenizers import Tokenizer
+
+        meta = prepare_data(config, out, Tokenizer.from_file(str(tokenizer_path)))
+        atomic_write_text(out / "run.json", json.dumps({k: getattr(config, k) for k in TrainConfig.MODEL_FIELDS},
+                                                       indent=2) + "\n")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    meta = json.loads((out / "data.json").read_text())
+    vocab_size = meta["vocab_size"]
+    batches = Batches(out / "train.bin", meta["dtype"], config.block_size, config.batch_size,
+                      config.seed + 1000 * rank, device)
+    eval_batches = {"train": Batches(out / "train.bin", meta["dtype"], config.block_size, config.batch_size,
+                                     config.seed + 1, device),
+                    "val": Batches(out / "val.bin", meta["dtype"], config.block_size, config.batch_size,
+                                   config.seed + 2, device)}
+
+    model = build_model(config, vocab_size).to(device)
+    optimizer = build_optimizer(model, config, fused=device.type == "cuda")
+    step, best_val = 0, float("inf")
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        step, best_val = resumed["step"], resumed["best_val"]
+        torch.set_rng_state(resumed["rng"])
+        batches.generator.set_state(resumed["batch_rng"])
+        if "cuda_rng" in resumed and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(resumed["cuda_rng"])
+    raw_model = model
+    if config.compile:
+        model = torch.compile(model)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    amp = _autocast_dtype(config, device)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    log_path = out / "log.jsonl"
+    save_every = config.save_every or config.eval_every
+    tokens_per_step = config.batch_size * config.block_size * config.grad_accum * world
+    if main_process:
+        n_params = sum(p.numel() for p in raw_model.parameters())
+        tqdm.write(f"{config.model}: {n_params / 1e6:.2f}M parameters, vocabulary {vocab_size}, "
+                   f"{meta['train_tokens']:,} training tokens, {world} process(es) on {device}"
+                   + (f", autocast {amp}" if amp else ""))
+    bar = tqdm(total=config.max_steps, initial=step, disable=not main_process, dynamic_ncols=True)
+    last = {"step": step, "train_loss": None, "val_loss": None}
+    model.train()
+    t0 = time.perf_counter()
+    try:
+        while step < config.max_steps:
+            lr = learning_rate(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for micro in range(config.grad_accum):
+                x, y = batches.next()
+                sync = world == 1 or micro == config.grad_accum - 1  # DDP: all-reduce gradients once per step
+                with (nullcontext() if sync else model.no_sync()), autocast():
+                    loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()) / config.grad_accum
+                    scaler.scale(loss).backward()
+                loss_sum += loss.item()
+            if config.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            elapsed = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
+            if callback is not None:
+                callback(step, {"loss": loss_sum, "lr": lr})
+            if step % config.eval_every == 0 or step == config.max_steps:
+                losses = estimate_loss(raw_model, eval_batches, config.eval_steps, autocast, config.seed)
+                best_val = min(best_val, losses["val"])
+                last = {"step": step, "train_loss": losses["train"], "val_loss": losses["val"]}
+                if main_process:
+                    tqdm.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps({**last, "lr": lr, "tokens": step * tokens_per_step,
+                                            "time": time.time()}) + "\n")
+            if main_process and (step % save_every == 0 or step == config.max_steps):
+                save_checkpoint(out, raw_model, optimizer, step, batches, config, best_val)
+    except KeyboardInterrupt:
+        if main_process:
+            tqdm.write(f"interrupted: saving step {step} to {out} (continue with --resume)")
+            save_checkpoint(out, raw_model, optimizer, step, batches, config, best_val)
+        raise
+    finally:
+        bar.close()
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return last
+
+
+def config_from_args(args: Any) -> TrainConfig:
+    """TrainConfig from argparse's namespace (flags are the fields with dashes)."""
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})

@@ -1,0 +1,197 @@
+"""Training from scratch: it learns, resumes exactly, saves loadable checkpoints, and refuses bad inputs."""
+
+import hashlib
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minhub import GPT4, generate, gpt2_from_pretrained, tokenizer_from_pretrained
+from minhub.train import TrainConfig, TrainError, train
+
+REPO_ROOT = Path(__file__).parents[1]
+WORDS = ["the", "king", "queen", "shall", "speak", "to", "thee", "my", "lord", "and", "good", "night", "o"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Sentences of random words: characters within a word are predictable, word choice is not."""
+    rng = random.Random(0)
+    text = "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 10))) + "." for _ in range(2500))
+    path = tmp_path_factory.mktemp("data") / "input.txt"
+    path.write_text(text)
+    return path
+
+
+def tiny(corpus: Path, out: Path, **overrides) -> TrainConfig:
+    settings = dict(data=str(corpus), out=str(out), n_layer=2, n_head=2, n_embd=48, block_size=32, batch_size=16,
+                    max_steps=40, eval_every=20, eval_steps=4, warmup_steps=5, lr=3e-3, min_lr=3e-4, seed=7,
+                    dim_head=24)
+    return TrainConfig(**{**settings, **overrides})
+
+
+def unigram_entropy(path: Path) -> float:
+    counts = Counter(path.read_text())
+    total = sum(counts.values())
+    return -sum(c / total * math.log(c / total) for c in counts.values())
+
+
+@pytest.mark.parametrize("model", ["gpt2", "gpt4"])
+def test_validation_loss_falls_clearly_below_the_unigram_baseline(corpus, tmp_path, model):
+    baseline = unigram_entropy(corpus)  # the best loss without looking at context, in nats per character
+    result = train(tiny(corpus, tmp_path / "run", model=model, max_steps=150, eval_every=75, dropout=0.0))
+    assert result["step"] == 150
+    assert result["val_loss"] < baseline - 0.5, (result, baseline)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [75, 150] and log[1]["val_loss"] < log[0]["val_loss"]
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(corpus, tmp_path):
+    straight = train(tiny(corpus, tmp_path / "straight", dropout=0.1, save_every=10))
+
+    def interrupt(step, metrics):
+        if step == 15:
+            raise KeyboardInterrupt  # what Ctrl-C does: the loop saves step 15, then stops
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(corpus, tmp_path / "resumed", dropout=0.1, save_every=10), callback=interrupt)
+    state = torch.load(tmp_path / "resumed" / "train_state.pt", weights_only=True)
+    assert state["step"] == 15
+    resumed = train(TrainConfig(data=str(corpus), out=str(tmp_path / "resumed"), max_steps=40, eval_every=20,
+                                eval_steps=4, resume=True))
+    assert resumed == straight
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_trained_gpt2_loads_with_from_pretrained_and_in_transformers(corpus, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    train(tiny(corpus, tmp_path / "run", max_steps=10))
+    model = gpt2_from_pretrained(tmp_path / "run")
+    tokenizer = tokenizer_from_pretrained(tmp_path / "run")
+    idx = torch.tensor([tokenizer.encode("the king").ids])
+    out = generate(model, idx, 20, temperature=0)
+    assert tokenizer.decode(out[0].tolist()).startswith("the king")
+    ref = GPT2LMHeadModel.from_pretrained(tmp_path / "run").eval()  # the reference reads our files too
+    with torch.no_grad():
+        assert (model(idx) - ref(idx).logits).abs().max().item() <= 1e-4
+
+
+def test_a_trained_gpt4_loads_and_the_cli_generates_from_it(corpus, tmp_path):
+    train(tiny(corpus, tmp_path / "run", model="gpt4", max_steps=10))
+    model = GPT4.from_pretrained(tmp_path / "run")
+    assert model.generate(torch.tensor([[1, 2, 3]]), 5, temperature=0).shape == (1, 5)
+    result = subprocess.run([sys.executable, "-m", "minhub", "generate", str(tmp_path / "run"), "the ",
+                             "--max-new-tokens", "12", "--seed", "0"], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("the ") and len(result.stdout) == len("the ") + 12 + 1
+
+
+def test_cli_train_then_generate_then_plot(corpus, tmp_path):
+    run = tmp_path / "run"
+    args = ["--data", str(corpus), "--out", str(run), "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+            "--block-size", "32", "--batch-size", "8", "--max-steps", "12", "--eval-every", "6", "--eval-steps", "2"]
+    result = subprocess.run([sys.executable, "-m", "minhub", "train", *args], capture_output=True, text=True,
+                            cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "step 12: train loss" in result.stdout + result.stderr
+    result = subprocess.run([sys.executable, "-m", "minhub", "generate", str(run), "the ", "--max-new-tokens", "10"],
+                            capture_output=True, text=True, cwd=REPO_ROOT)
+    assert result.returncode == 0 and result.stdout.startswith("the "), result.stderr
+    pytest.importorskip("matplotlib")
+    result = subprocess.run([sys.executable, "-m", "minhub", "plot", str(run)], capture_output=True, text=True,
+                            cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(corpus, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(tiny(corpus, run, max_steps=10, save_every=5))
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.iterdir() if p.is_file()}
+
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+
+    def crash_half_way(tensors, filename, metadata=None):
+        real(tensors, filename, metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(os.path.getsize(filename) // 2)  # a half-written file, then the machine dies
+        raise SystemExit("power cut")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash_half_way)
+    with pytest.raises(SystemExit):
+        train(TrainConfig(out=str(run), data=str(corpus), max_steps=20, eval_every=20, resume=True))
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.iterdir() if p.is_file()}
+    assert after["model.safetensors"] == before["model.safetensors"]
+    assert after["train_state.pt"] == before["train_state.pt"]
+    gpt2_from_pretrained(run)  # still loads
+    assert train(TrainConfig(out=str(run), data=str(corpus), max_steps=12, eval_every=12, eval_steps=2,
+                             resume=True))["step"] == 12
+
+
+def test_distributed_data_parallel_with_two_cpu_processes(corpus, tmp_path):
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         "-m", "minhub", "train", "--data", str(corpus), "--out", str(run), "--n-layer", "1", "--n-head", "2",
+         "--n-embd", "32", "--block-size", "32", "--batch-size", "8", "--max-steps", "30", "--eval-every", "15",
+         "--eval-steps", "2", "--warmup-steps", "3", "--lr", "3e-3"],
+        capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout + result.stderr
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [15, 30]  # only rank 0 logs
+    assert log[-1]["val_loss"] < unigram_entropy(corpus)
+    gpt2_from_pretrained(run)
+
+
+# --- bad inputs ---------------------------------------------------------------------------------------------------
+
+
+def test_missing_and_empty_data(tmp_path):
+    with pytest.raises(TrainError, match="does not exist"):
+        train(TrainConfig(data=str(tmp_path / "nope.txt"), out=str(tmp_path / "run")))
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(TrainError, match="is empty"):
+        train(TrainConfig(data=str(tmp_path / "empty.txt"), out=str(tmp_path / "run")))
+
+
+def test_block_size_larger_than_the_data(tmp_path):
+    (tmp_path / "small.txt").write_text("to be or not to be " * 20)
+    with pytest.raises(TrainError, match="each split needs more than block_size=256"):
+        train(TrainConfig(data=str(tmp_path / "small.txt"), out=str(tmp_path / "run"), block_size=256))
+
+
+def test_vocabulary_too_large_for_the_token_file(tmp_path):
+    chars = [chr(c) for c in range(0x4E00, 0x4E00 + 20000)] + [chr(c) for c in range(0x20000, 0x20000 + 46000)]
+    (tmp_path / "many.txt").write_text("".join(chars) * 2)
+    with pytest.raises(TrainError, match="66,000 tokens, too many for a uint16 token file"):
+        train(TrainConfig(data=str(tmp_path / "many.txt"), out=str(tmp_path / "run"), token_dtype="uint16"))
+
+
+def test_an_output_directory_holding_another_run_is_not_overwritten(corpus, tmp_path):
+    run = tmp_path / "run"
+    train(tiny(corpus, run, max_steps=4, eval_every=4))
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(TrainError, match=r"different model \(n_layer: 2 there, 3 asked"):
+        train(tiny(corpus, run, n_layer=3))
+    with pytest.raises(TrainError, match="already holds a trained model: pass --resume"):
+        train(tiny(corpus, run))
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    with pytest.raises(TrainError, match="no train_state.pt to resume from"):
+        train(tiny(corpus, tmp_path / "fresh", resume=True))
