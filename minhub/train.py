@@ -16,6 +16,8 @@ import hashlib
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -323,6 +325,10 @@ def check_run_directory(out: Path, config: TrainConfig) -> dict | None:
 # The training loop
 
 
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _setup_distributed() -> tuple[int, int, int]:
     """(rank, local_rank, world_size); initialises the process group when launched by torchrun."""
     if "RANK" not in os.environ:
@@ -371,9 +377,9 @@ def estimate_loss(model: nn.Module, batches: dict[str, Batches], steps: int, aut
 def train(config: TrainConfig, callback: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
     """Train as `config` says; return the last {"step", "train_loss", "val_loss"}.
 
-    callback(step, metrics) is called after every optimizer step (metrics: loss, lr). Ctrl-C (KeyboardInterrupt)
-    saves a checkpoint at the last finished step before it propagates, so nothing is lost; a kill loses at most the
-    steps since the last periodic save (--save-every).
+    callback(step, metrics) is called after every optimizer step (metrics: loss, lr). Ctrl-C (KeyboardInterrupt) or
+    SIGTERM saves a checkpoint at the last finished step before it propagates, so nothing is lost; a SIGKILL loses at
+    most the steps since the last periodic save (--save-every).
     """
     from contextlib import nullcontext
 
@@ -452,6 +458,10 @@ def train(config: TrainConfig, callback: Callable[[int, dict], None] | None = No
     last = {"step": step, "train_loss": None, "val_loss": None}
     model.train()
     t0 = time.perf_counter()
+    previous_sigterm = None
+    if threading.current_thread() is threading.main_thread():
+        # `kill`, schedulers and torchrun send SIGTERM first: treat it like Ctrl-C, so the run saves and can resume
+        previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         while step < config.max_steps:
             lr = learning_rate(step, config)
@@ -496,6 +506,8 @@ def train(config: TrainConfig, callback: Callable[[int, dict], None] | None = No
         raise
     finally:
         bar.close()
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
         if world > 1:
             import torch.distributed as dist
 

@@ -20,6 +20,8 @@ CONFIGS = {
                                                attn_flash=False),
     "no-alibi-no-qk-norm": dict(dim=32, depth=2, dim_head=16, heads=4, alibi_pos_bias=False, attn_qk_norm=False),
     "no-rotary": dict(dim=32, depth=2, dim_head=16, heads=4, alibi_num_heads=3, rotary_xpos=False),
+    "absolute-positions": dict(dim=32, depth=2, dim_head=16, heads=4, use_abs_pos_emb=True, alibi_pos_bias=False,
+                               rotary_xpos=False),
 }
 
 
@@ -39,7 +41,7 @@ def reference(num_tokens=97, max_seq_len=48, **options):
         for name, p in net.named_parameters():
             if name.endswith(("gamma", "_scale")):  # norm gains and QK-norm scales: a missed mapping shows
                 p.add_(torch.randn_like(p) * 0.3)
-            if name.endswith(".bias"):
+            if name.endswith(".bias") or name == "pos_emb.emb.weight":
                 p.add_(torch.randn_like(p) * 0.1)
     ours = GPT4(cfg).eval()
     ours.load_state_dict(from_x_transformers_state_dict(net.state_dict()), strict=True)

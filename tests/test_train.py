@@ -142,6 +142,30 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(corpus, tmp_
                              resume=True))["step"] == 12
 
 
+def test_a_killed_run_saves_and_resumes(corpus, tmp_path):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    args = ["--data", str(corpus), "--out", str(run), "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+            "--block-size", "32", "--batch-size", "8", "--max-steps", "100000", "--eval-every", "50",
+            "--eval-steps", "2", "--save-every", "1000000"]
+    process = subprocess.Popen([sys.executable, "-m", "minhub", "train", *args], cwd=REPO_ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "log.jsonl").exists() and time.time() < deadline:  # wait for real progress (step 50)
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)  # what `kill` sends
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "interrupted: saving step" in out + err
+    step = torch.load(run / "train_state.pt", weights_only=True)["step"]
+    assert step >= 50  # no periodic save happened: this is the SIGTERM save
+    gpt2_from_pretrained(run)
+    resumed = train(TrainConfig(data=str(corpus), out=str(run), max_steps=step + 5, eval_every=1000,
+                                eval_steps=2, resume=True))
+    assert resumed["step"] == step + 5
+
+
 def test_distributed_data_parallel_with_two_cpu_processes(corpus, tmp_path):
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
