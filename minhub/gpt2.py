@@ -449,20 +449,20 @@ def generate_stream(
         yield token
         if step == max_new_tokens - 1 or (eos is not None and bool(finished.all())):
             return
-        if n == n_ctx:
-            # the window is full: drop the oldest window_shift tokens and recompute the cache for the rest, since
-            # every kept token's absolute position (and so its keys and values) has changed
+        slide = n == n_ctx
+        if slide:
+            # the window is full: drop the oldest window_shift tokens; every kept token's absolute position (and so
+            # its keys and values) changes, so the cache is recomputed for the whole window below
             keep = n_ctx - window_shift
             window[:, :keep] = window[:, n - keep:n].clone()
             if mask is not None:
                 mask[:, :keep] = mask[:, n - keep:n].clone()
             n = keep
-            window[:, n] = token
-            model_mask = None if mask is None else mask[:, :n + 1]
+        window[:, n] = token
+        model_mask = None if mask is None else mask[:, :n + 1]
+        if slide:
             logits = model(window[:, :n + 1], 0, model_mask, only_last=True)[:, -1]
         else:
-            window[:, n] = token
-            model_mask = None if mask is None else mask[:, :n + 1]
             logits = model(token[:, None], n, model_mask)[:, -1]  # decode: one new token against the cache
         n += 1
 
@@ -591,12 +591,14 @@ class CheckpointFiles:
         return self._download(filename)
 
     def require(self, filename: str, what: str) -> Path:
+        """Like get(), but a missing file raises MissingFileError saying what the file is for."""
         path = self.get(filename)
         if path is None:
-            raise MissingFileError(f"{self} has no {filename} ({what}){self._offline_hint()}")
+            raise MissingFileError(f"{self} has no {filename} ({what}){self.offline_hint()}")
         return path
 
-    def _offline_hint(self) -> str:
+    def offline_hint(self) -> str:
+        """A sentence to append to a missing-file error when only cached files can be seen, else ''."""
         if self.local_dir is None and self._offline():
             return ("; offline, only files downloaded before are found: run once with network access "
                     "(unset HF_HUB_OFFLINE) to fetch it")
@@ -713,7 +715,7 @@ def load_state_dict(files: CheckpointFiles) -> dict[str, torch.Tensor]:
     if path is not None:
         return _read_pickle(path)
     raise MissingFileError(f"{files} has no weights: looked for model.safetensors, model.safetensors.index.json and "
-                           f"pytorch_model.bin{files._offline_hint()}")
+                           f"pytorch_model.bin{files.offline_hint()}")
 
 
 def _names_list(names: list[str] | set[str], limit: int = 12) -> str:
@@ -838,7 +840,7 @@ def tokenizer_from_pretrained(
     merges = files.get("merges.txt")
     if vocab is None or merges is None:
         raise MissingFileError(f"{files} has no tokenizer: looked for tokenizer.json, or vocab.json with merges.txt"
-                               f"{files._offline_hint()}")
+                               f"{files.offline_hint()}")
     tokenizer = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
