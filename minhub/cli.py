@@ -8,7 +8,7 @@ import sys
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _model_type(identifier: str, revision: str | None) -> str:
+def _model_type(identifier: str) -> str:
     """'gpt2' or 'minhub-gpt4', from a local directory's config.json (hub repos are GPT-2 checkpoints)."""
     import json
     from pathlib import Path
@@ -28,7 +28,7 @@ def generate_command(args: argparse.Namespace) -> int:
 
     dtype = getattr(torch, args.dtype)
     try:
-        if _model_type(args.model, args.revision) == "minhub-gpt4":
+        if _model_type(args.model) == "minhub-gpt4":
             return _generate_gpt4(args, dtype)
         model = gpt2_from_pretrained(args.model, args.revision, dtype=dtype, device=args.device)
         # the model's commit, not the branch name: model and tokenizer come from the same files

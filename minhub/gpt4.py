@@ -106,14 +106,12 @@ def alibi_slopes(n: int) -> list[float]:
 
 
 def rotary_xpos_tables(
-    rot_dim: int, max_len: int, use_xpos: bool, scale_base: float = 512.0, base: float = 10000.0
+    rot_dim: int, max_len: int, scale_base: float = 512.0, base: float = 10000.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """cos, sin and the xPos scale for positions 0..max_len-1, each (max_len, rot_dim), channel pairs interleaved."""
     inv_freq = 1.0 / base ** (torch.arange(0, rot_dim, 2).float() / rot_dim)  # (r/2,)
     t = torch.arange(max_len).float()
     angles = torch.outer(t, inv_freq).repeat_interleave(2, dim=-1)  # (max_len, r): pair (2i, 2i+1) turns by θ_i
-    if not use_xpos:
-        return angles.cos(), angles.sin(), torch.ones_like(angles)
     zeta = (torch.arange(0, rot_dim, 2).float() + 0.4 * rot_dim) / (1.4 * rot_dim)  # (r/2,), in (0.28, 1)
     power = (t - max_len // 2) / scale_base  # centred, so the scales stay near 1 (the centre cancels in q.k)
     scale = (zeta[None, :] ** power[:, None]).repeat_interleave(2, dim=-1)  # (max_len, r)
@@ -262,7 +260,7 @@ class Transformer(nn.Module):
             slopes[: config.alibi_num_heads] = torch.tensor(alibi_slopes(config.alibi_num_heads))
         self.register_buffer("alibi_slopes", slopes.view(-1, 1, 1), persistent=False)  # (H, 1, 1), 0 = no bias
         if config.rotary_xpos:
-            cos, sin, scale = rotary_xpos_tables(config.dim_head // 2, config.max_seq_len, use_xpos=True)
+            cos, sin, scale = rotary_xpos_tables(config.dim_head // 2, config.max_seq_len)
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
             self.register_buffer("xpos_scale", scale, persistent=False)

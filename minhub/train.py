@@ -164,10 +164,12 @@ def check_data(config: TrainConfig) -> Path:
     return data
 
 
-def prepare_data(config: TrainConfig, out: Path, tokenizer, chunk_chars: int = 1 << 22) -> dict[str, Any]:
+def prepare_data(
+    config: TrainConfig, data: Path, out: Path, tokenizer, chunk_chars: int = 1 << 22
+) -> dict[str, Any]:
     """Tokenize config.data into out/train.bin and out/val.bin (the last val_fraction of the tokens), once: a
-    matching out/data.json means it is already done. Returns data.json's contents."""
-    data = check_data(config)
+    matching out/data.json means it is already done. `data` is config.data, checked by check_data. Returns
+    data.json's contents."""
     vocab_size = tokenizer.get_vocab_size()
     dtype = token_dtype(vocab_size, config.token_dtype)
     stat = data.stat()
@@ -402,14 +404,14 @@ def train(config: TrainConfig, callback: Callable[[int, dict], None] | None = No
     # data: rank 0 tokenizes, the others wait for it
     tokenizer_path = out / "tokenizer.json"
     if main_process:
-        check_data(config)
+        data = check_data(config)
         if resumed is None or not tokenizer_path.is_file():
-            tokenizer = load_tokenizer(config.tokenizer, Path(config.data), 1 << 22)
+            tokenizer = load_tokenizer(config.tokenizer, data, 1 << 22)
             tokenizer.save(str(tokenizer_path.with_name("tokenizer.json.tmp")))
             os.replace(tokenizer_path.with_name("tokenizer.json.tmp"), tokenizer_path)
         from tokenizers import Tokenizer
 
-        meta = prepare_data(config, out, Tokenizer.from_file(str(tokenizer_path)))
+        meta = prepare_data(config, data, out, Tokenizer.from_file(str(tokenizer_path)))
         atomic_write_text(out / "run.json", json.dumps({k: getattr(config, k) for k in TrainConfig.MODEL_FIELDS},
                                                        indent=2) + "\n")
     if world > 1:

@@ -1,8 +1,6 @@
 """Loading through the real hub code path (offline cache) and parity with transformers' GPT2LMHeadModel."""
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
