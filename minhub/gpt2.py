@@ -110,6 +110,12 @@ class GPT2Config:
 # Model
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Dropout in training; at inference not even a call: every op that follows a weight matmul on the CPU costs
+    tens of microseconds (the matmul streamed megabytes through the caches), so decoding keeps them few."""
+    return F.dropout(x, p) if training and p > 0 else x
+
+
 class KVCache(nn.Module):
     """Keys and values of the positions seen so far, preallocated once and written in place.
 
@@ -118,7 +124,10 @@ class KVCache(nn.Module):
 
     def __init__(self, batch_size: int, n_head: int, max_len: int, head_size: int, dtype, device) -> None:
         super().__init__()
-        shape = (batch_size, n_head, max_len, head_size)
+        self.max_len = max_len
+        # one spare slot: the keys up to the last usable slot are then never the whole buffer, so a compiled decode
+        # step (minhub.fast.compile_decode) sees the same strides at every position and does not recompile there
+        shape = (batch_size, n_head, max_len + 1, head_size)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
@@ -135,7 +144,6 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.resid_dropout = nn.Dropout(config.resid_pdrop)
         self.n_head = config.n_head
         self.head_size = config.n_embd // config.n_head
         self.scale = self.head_size**-0.5 if config.scale_attn_weights else 1.0
@@ -143,14 +151,13 @@ class CausalSelfAttention(nn.Module):
             self.scale /= layer_idx + 1
         self.upcast = config.reorder_and_upcast_attn
         self.attn_pdrop = config.attn_pdrop
+        self.resid_pdrop = config.resid_pdrop
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache_pos: int | None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, self.head_size)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
         if cache_pos is not None:
             k, v = self.kv_cache.update(cache_pos, k, v)  # (B, nh, L, hs)
         if self.upcast:
@@ -162,9 +169,11 @@ class CausalSelfAttention(nn.Module):
             is_causal=mask is None and T > 1,
             dropout_p=self.attn_pdrop if self.training else 0.0,
             scale=self.scale,
-        ).to(x.dtype)  # (B, nh, T, hs)
+        )  # (B, nh, T, hs)
+        if self.upcast:
+            y = y.to(x.dtype)
         y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble the heads side by side
-        return self.resid_dropout(self.c_proj(y))
+        return dropout(self.c_proj(y), self.resid_pdrop, self.training)
 
 
 class MLP(nn.Module):
@@ -174,10 +183,10 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, n_inner)
         self.c_proj = nn.Linear(n_inner, config.n_embd)
         self.act = ACTIVATIONS[config.activation_function]
-        self.dropout = nn.Dropout(config.resid_pdrop)
+        self.resid_pdrop = config.resid_pdrop
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+        return dropout(self.c_proj(self.act(self.c_fc(x))), self.resid_pdrop, self.training)
 
 
 class Block(nn.Module):
@@ -204,7 +213,6 @@ class GPT2(nn.Module):
             # normal_() init, which on the meta device imports torch._dynamo (~2 s); init_weights() fills them
             wte=nn.Embedding(config.vocab_size, config.n_embd, _weight=torch.empty(config.vocab_size, config.n_embd)),
             wpe=nn.Embedding(config.n_positions, config.n_embd, _weight=torch.empty(config.n_positions, config.n_embd)),
-            drop=nn.Dropout(config.embd_pdrop),
             h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
@@ -256,7 +264,7 @@ class GPT2(nn.Module):
             raise ValueError(f"max_len={max_len} exceeds the context window n_positions={self.config.n_positions}")
         p = self.transformer.wte.weight  # the cache takes the model's dtype and device
         old = self.transformer.h[0].attn.kv_cache
-        if old is not None and old.k.shape[0] == batch_size and old.k.shape[2] == max_len and old.k.dtype == p.dtype \
+        if old is not None and old.k.shape[0] == batch_size and old.max_len == max_len and old.k.dtype == p.dtype \
                 and old.k.device == p.device and old.k.is_inference() == torch.is_inference_mode_enabled():
             return
         for block in self.transformer.h:
@@ -300,12 +308,20 @@ class GPT2(nn.Module):
         else:
             pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, start:start + T]  # (B, T) real-token count
         mask = self._attention_mask(attention_mask, start, T, idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = dropout(self.transformer.wte(idx) + self.transformer.wpe(pos), self.config.embd_pdrop, self.training)
         for block in self.transformer.h:
             x = block(x, mask, cache_pos)
         if only_last:
             x = x[:, -1:]
         return self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+
+    def decode_step(self, idx: torch.Tensor, cache_pos: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) of new tokens `idx` (B, T) against the KV cache: `forward(idx, cache_pos, attention_mask)`.
+
+        `generate` calls this once per new token; it is a method of its own so that `minhub.fast.compile_decode` can
+        replace it, on one model, with a compiled version.
+        """
+        return self(idx, cache_pos, attention_mask)
 
     @staticmethod
     def _attention_mask(attention_mask: torch.Tensor | None, start: int, T: int, device) -> torch.Tensor | None:
@@ -463,7 +479,7 @@ def generate_stream(
         if slide:
             logits = model(window[:, :n + 1], 0, model_mask, only_last=True)[:, -1]
         else:
-            logits = model(token[:, None], n, model_mask)[:, -1]  # decode: one new token against the cache
+            logits = model.decode_step(token[:, None], n, model_mask)[:, -1]  # one new token against the cache
         n += 1
 
 

@@ -1,11 +1,13 @@
-"""The prepacked CPU path computes what the plain model computes."""
+"""The fast paths (prepacked weights, compiled decode step) compute what the plain model computes."""
+
+import shutil
 
 import pytest
 import torch
 from helpers import hf_gpt2, save_checkpoint
 
 from minhub import generate, gpt2_from_pretrained, pad_left
-from minhub.fast import PackedLinear, prepack
+from minhub.fast import PackedLinear, compile_decode, prepack
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
 
@@ -49,3 +51,30 @@ def test_prepack_refuses_what_it_cannot_do(checkpoint):
         prepack(model, torch.float16)
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         prepack(model, torch.float32, 0)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler")
+def test_compiled_decode_step_equals_the_eager_one(checkpoint):
+    eager = gpt2_from_pretrained(checkpoint)
+    compiled = compile_decode(gpt2_from_pretrained(checkpoint))
+    with torch.inference_mode():
+        idx = torch.randint(0, 101, (1, 6))
+        for model in (eager, compiled):
+            model.setup_cache(1, 40)
+            model(idx, 0)
+        token = torch.tensor([[7]])
+        assert (compiled.decode_step(token, 6) - eager.decode_step(token, 6)).abs().max().item() <= 1e-4  # compiles
+        # 60 new tokens with n_positions=40: every cache slot including the last, then the sliding window; one graph
+        # serves every position (the KV cache's spare slot keeps the last one from recompiling)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            assert torch.equal(generate(compiled, idx, 60, temperature=0), generate(eager, idx, 60, temperature=0))
+        prompts, mask = pad_left([[1, 2, 3], [4]], pad_id=0)
+        assert torch.equal(generate(compiled, prompts, 20, temperature=0, attention_mask=mask),
+                           generate(eager, prompts, 20, temperature=0, attention_mask=mask))
+
+
+def test_compile_decode_refuses_what_it_cannot_do(checkpoint):
+    with pytest.raises(ValueError, match="does not combine with prepack"):
+        compile_decode(prepack(gpt2_from_pretrained(checkpoint), torch.float32))
+    with pytest.raises(TypeError, match="needs a model with a decode_step"):
+        compile_decode(torch.nn.Linear(2, 2))

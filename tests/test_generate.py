@@ -142,7 +142,8 @@ def test_generation_past_the_context_window_slides_it(pair, shift):
     ours = generate(model, torch.tensor([prompt]), 110, temperature=0, window_shift=shift)
     expected = _reference_sliding_greedy(ref, prompt, 110, n_ctx, shift)
     assert ours[0].tolist() == expected
-    assert model.transformer.h[0].attn.kv_cache.k.shape[2] == n_ctx  # the cache never grows past the window
+    cache = model.transformer.h[0].attn.kv_cache
+    assert cache.max_len == n_ctx and cache.k.shape[2] == n_ctx + 1  # never grows past the window (+ the spare slot)
 
 
 def test_by_default_generation_past_the_window_sees_exactly_the_last_n_positions_tokens(pair):
