@@ -2,9 +2,9 @@
 
 prepack: PyTorch's CPU matmul reorders ("packs") the weight into the kernel's blocked layout on every call when the batch is
 small, and for bfloat16 weights that repacking costs as much as the multiply. Packing each nn.Linear once with
-oneDNN removes it. Measured on a 2-core Xeon (bench/bench_gpt2.py, README table), GPT-2 124M: bf16 packed decodes 1.87x as
-fast as fp32 transformers at batch 1 and 2.88x at batch 8; fp32 packed helps batched decoding (1.67x at batch 8, plain
-fp32 1.16x) but is slower than plain fp32 at batch 1, which is why nothing here is applied by default.
+oneDNN removes it. Measured on a 2-core Xeon (bench/bench_gpt2.py, README table), GPT-2 124M: bf16 packed decodes 1.49x
+as fast as fp32 transformers at batch 1 and 2.81x at batch 8; fp32 packed helps batched decoding (1.54x at batch 8,
+plain fp32 1.12x) but not batch 1 (1.03x, plain 1.17x), which is why nothing here is applied by default.
 
 compile_decode: at batch 1 each weight matmul streams megabytes through the CPU caches, so every small op that follows
 it (layer norm, residual add, attention, the Python between them) starts cold and costs tens of microseconds.

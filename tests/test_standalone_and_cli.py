@@ -52,8 +52,8 @@ def gpt2_shaped_repo():
     return "tests/tiny-gpt2"
 
 
-@pytest.mark.parametrize("command", [["-m", "minhub"], None])
-def test_cli_streams_the_api_result(gpt2_shaped_repo, command):
+@pytest.mark.parametrize("command, options", [(["-m", "minhub"], []), (None, []), (["-m", "minhub"], ["--compile"])])
+def test_cli_streams_the_api_result(gpt2_shaped_repo, command, options):
     prompt = "The meaning of life is"
     if command is None:
         exe = shutil.which("minhub")
@@ -64,7 +64,7 @@ def test_cli_streams_the_api_result(gpt2_shaped_repo, command):
         argv = [sys.executable, *command]
     result = subprocess.run(
         argv + ["generate", gpt2_shaped_repo, prompt, "--max-new-tokens", "12", "--top-k", "40", "--seed", "0",
-                "--ignore-eos"],
+                "--ignore-eos", *options],
         capture_output=True, text=True, env=_env(), cwd=REPO_ROOT,
     )
     assert result.returncode == 0, result.stderr
@@ -83,6 +83,12 @@ def test_cli_reports_errors_without_a_traceback():
     result = subprocess.run([sys.executable, "-m", "minhub", "generate", "x", "hi", "--temperature", "-1"],
                             capture_output=True, text=True, env=_env(), cwd=REPO_ROOT)
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_cli_refuses_compile_with_cpu_bf16(gpt2_shaped_repo):
+    result = subprocess.run([sys.executable, "-m", "minhub", "generate", gpt2_shaped_repo, "hi", "--compile",
+                             "--dtype", "bfloat16"], capture_output=True, text=True, env=_env(), cwd=REPO_ROOT)
+    assert result.returncode == 2 and "--compile does not combine with bfloat16" in result.stderr
 
 
 def test_import_minhub_stays_light():
