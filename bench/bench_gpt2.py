@@ -168,12 +168,14 @@ def main() -> None:
     print(f"reading the weight matrices one after another: {matrix_bw:.1f} GB/s ({matrix_bw / bw:.0%} of the 1 GiB "
           f"read), a batch-1 ceiling of {matrix_roofline:.1f} tok/s")
 
-    from minhub.fast import compile_decode, prepack
+    from minhub.fast import compile_decode, prepack, quantize_int8
 
     rows = []
     g = torch.Generator().manual_seed(0)
     bf16 = prepack(gpt2_from_pretrained(model_dir), torch.bfloat16)
     compiled = compile_decode(gpt2_from_pretrained(model_dir))
+    int8 = quantize_int8(gpt2_from_pretrained(model_dir))
+    int8_compiled = compile_decode(quantize_int8(gpt2_from_pretrained(model_dir)))
     with torch.inference_mode():
         # identical outputs first: a fast path that changes the tokens is not a speed-up
         prompt = torch.randint(0, 50257, (1, 32), generator=g)
@@ -184,10 +186,13 @@ def main() -> None:
             fp32_packed = prepack(gpt2_from_pretrained(model_dir), torch.float32, batch)
             assert torch.equal(ours(fp32_packed, idx, 16), ours(model, idx, 16)), "packed fp32 tokens differ"
             compile_seconds = _timed(lambda: ours(compiled, idx, 2))  # the first decode step compiles
-            print(f"compile_decode, batch {batch}: first step compiled in {compile_seconds:.0f} s", flush=True)
+            compile_int8_seconds = _timed(lambda: ours(int8_compiled, idx, 2))
+            print(f"compile_decode, batch {batch}: first step compiled in {compile_seconds:.0f} s (fp32), "
+                  f"{compile_int8_seconds:.0f} s (int8)", flush=True)
             assert torch.equal(ours(compiled, idx, 16), ours(model, idx, 16)), "compiled fp32 tokens differ"
             variants = {"minhub fp32": (ours, model), "minhub fp32 compiled": (ours, compiled),
                         "minhub fp32 packed": (ours, fp32_packed), "minhub bf16 packed": (ours, bf16),
+                        "minhub int8": (ours, int8), "minhub int8 compiled": (ours, int8_compiled),
                         "transformers fp32": (theirs, ref)}
             for fn, m in variants.values():
                 fn(m, idx, 4)  # warm up
@@ -198,7 +203,8 @@ def main() -> None:
             r = paired({name: (lambda fn=fn, m=m: rate(fn, m)) for name, (fn, m) in variants.items()}, args.rounds)
             base = r["transformers fp32"]
             print(f"decode batch {batch} (tok/s): " + ", ".join(f"{k} {v:.1f}" for k, v in r.items()), flush=True)
-            for name in ("minhub fp32", "minhub fp32 compiled", "minhub fp32 packed", "minhub bf16 packed"):
+            for name in ("minhub fp32", "minhub fp32 compiled", "minhub fp32 packed", "minhub bf16 packed", "minhub int8",
+                         "minhub int8 compiled"):
                 rows.append((f"decode, batch {batch}, {name} (tok/s)", r[name], base, r[name] / base))
             if batch == 1:
                 for name in ("minhub fp32", "minhub fp32 compiled"):
@@ -219,12 +225,15 @@ def main() -> None:
         rows.append(("time to first token, 512-token prompt, fp32 (ms)", r["ours"] * 1e3, r["theirs"] * 1e3,
                      r["ours"] / r["theirs"]))
 
-        # bf16 accuracy: teacher-forced over one 512-token sequence, against the fp32 model
-        logits32, logits16 = model(idx)[0], bf16(idx)[0].float()
-        agree = (logits32.argmax(-1) == logits16.argmax(-1)).float().mean().item()
-        delta = (logits32 - logits16).abs().max().item()
-        print(f"bf16 packed vs fp32, teacher-forced 512 tokens: top-1 agreement {agree:.1%}, max |dlogit| {delta:.3f}"
-              f" (logit range {logits32.min():.1f}..{logits32.max():.1f})", flush=True)
+        # reduced precision's accuracy: teacher-forced over one 512-token sequence, against the fp32 model
+        logits32 = model(idx)[0]
+        accuracy = {}
+        for name, reduced in (("bf16 packed", bf16), ("int8", int8)):
+            logits = reduced(idx)[0].float()
+            agree = (logits32.argmax(-1) == logits.argmax(-1)).float().mean().item()
+            accuracy[name] = (agree, (logits32 - logits).abs().max().item())
+            print(f"{name} vs fp32, teacher-forced 512 tokens: top-1 agreement {agree:.1%}, max |dlogit| "
+                  f"{accuracy[name][1]:.3f} (logit range {logits32.min():.1f}..{logits32.max():.1f})", flush=True)
 
     del ref
     gc.collect()
@@ -259,7 +268,9 @@ def main() -> None:
             print("long generation, peak RSS (MB) per 100 tokens: " + " ".join(f"{x:.0f}" for x in rss))
 
     print(f"\n{machine()}; read bandwidth {bw:.1f} GB/s (1 GiB), {matrix_bw:.1f} GB/s (weight matrices in turn)\n")
-    print(f"bf16 packed vs fp32: teacher-forced top-1 agreement {agree:.1%}, max |dlogit| {delta:.3f}\n")
+    for name, (agree, delta) in accuracy.items():
+        print(f"{name} vs fp32: teacher-forced top-1 agreement {agree:.1%}, max |dlogit| {delta:.3f}")
+    print()
     print("| GPT-2 124M, CPU, greedy | minhub | transformers fp32 | minhub / transformers |")
     print("|---|---|---|---|")
     for name, a, b, ratio in rows:

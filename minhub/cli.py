@@ -29,10 +29,14 @@ def generate_command(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     try:
         if _model_type(args.model) == "minhub-gpt4":
-            if args.compile:
-                print("minhub: --compile is for GPT-2 models; drop it for this GPT4 run", file=sys.stderr)
+            if args.compile or args.int8:
+                print("minhub: --compile and --int8 are for GPT-2 models; drop them for this GPT4 run", file=sys.stderr)
                 return 2
             return _generate_gpt4(args, dtype)
+        if args.int8 and (args.dtype != "float32" or args.device != "cpu"):
+            print("minhub: --int8 is CPU-only and picks its own dtypes (int8 weights, bfloat16 activations): drop "
+                  "--dtype and --device", file=sys.stderr)
+            return 2
         model = gpt2_from_pretrained(args.model, args.revision, dtype=dtype, device=args.device)
         # the model's commit, not the branch name: model and tokenizer come from the same files
         tokenizer = tokenizer_from_pretrained(args.model, model.commit_hash or args.revision)
@@ -47,6 +51,10 @@ def generate_command(args: argparse.Namespace) -> int:
         from minhub.fast import prepack
 
         prepack(model, torch.bfloat16)  # bf16 matmuls on CPU are only fast with weights packed once
+    if args.int8:
+        from minhub.fast import quantize_int8
+
+        quantize_int8(model)
     if args.compile:
         from minhub.fast import compile_decode
 
@@ -156,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=DTYPES, default="float32")
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     gen.add_argument("--ignore-eos", action="store_true", help="keep going after <|endoftext|>")
+    gen.add_argument("--int8", action="store_true",
+                     help="int8 weights, bfloat16 activations, on CPU (minhub.fast.quantize_int8): fastest, least exact")
     gen.add_argument("--compile", action="store_true",
                      help="compile the decode step (minhub.fast.compile_decode): ~12%% faster per token on CPU, "
                           "after a one-time compile of up to a minute")

@@ -7,7 +7,7 @@ import torch
 from helpers import hf_gpt2, save_checkpoint
 
 from minhub import generate, gpt2_from_pretrained, pad_left
-from minhub.fast import PackedLinear, compile_decode, prepack
+from minhub.fast import Int8Linear, PackedLinear, compile_decode, prepack, quantize_int8
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
 
@@ -78,3 +78,48 @@ def test_compile_decode_refuses_what_it_cannot_do(checkpoint):
         compile_decode(prepack(gpt2_from_pretrained(checkpoint), torch.float32))
     with pytest.raises(TypeError, match="needs a model with a decode_step"):
         compile_decode(torch.nn.Linear(2, 2))
+
+
+def test_int8_linear_is_the_dequantized_weight_times_the_input():
+    linear = torch.nn.Linear(48, 20)
+    with torch.no_grad():
+        linear.weight.normal_(0, 0.3)
+    quantized = Int8Linear(linear)
+    dequantized = quantized.weight.float() * quantized.scale.float()[:, None]
+    # rounding to the nearest of 255 levels per row: at most half a step (plus the scale's bf16 rounding) off
+    step = linear.weight.abs().amax(1, keepdim=True) / 127
+    assert ((dequantized - linear.weight).abs() <= 0.5 * step + 0.01 * linear.weight.abs()).all()
+    x = torch.randn(3, 5, 48).bfloat16()
+    expected = torch.nn.functional.linear(x.float(), dequantized, linear.bias.bfloat16().float())
+    with torch.inference_mode():
+        out = quantized(x)
+    assert out.shape == (3, 5, 20) and out.dtype == torch.bfloat16
+    assert (out.float() - expected).abs().max().item() <= 0.02 * expected.abs().max().item()
+
+
+def test_int8_model_stays_close_to_fp32(checkpoint):
+    plain = gpt2_from_pretrained(checkpoint)
+    quantized = quantize_int8(gpt2_from_pretrained(checkpoint))
+    assert isinstance(quantized.lm_head, Int8Linear) and quantized.transformer.wte.weight.dtype == torch.bfloat16
+    idx = torch.randint(0, 101, (2, 40))
+    with torch.inference_mode():
+        ref, ours = plain(idx), quantized(idx).float()
+    assert (ours - ref).abs().max().item() < 0.1 * ref.abs().max().item()
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.85
+    out = generate(quantized, idx[:, :5], 10, top_k=5, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 15)
+    with pytest.raises(ValueError, match="already packed by prepack"):
+        quantize_int8(prepack(gpt2_from_pretrained(checkpoint), torch.float32))
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler")
+def test_compiled_int8_decode_step_stays_with_the_eager_one(checkpoint):
+    eager = quantize_int8(gpt2_from_pretrained(checkpoint))
+    compiled = compile_decode(quantize_int8(gpt2_from_pretrained(checkpoint)))
+    idx, token = torch.randint(0, 101, (1, 6)), torch.tensor([[7]])
+    with torch.inference_mode():
+        for model in (eager, compiled):
+            model.setup_cache(1, 40)
+            model(idx, 0)
+        ref, ours = eager.decode_step(token, 6).float(), compiled.decode_step(token, 6).float()
+    assert (ours - ref).abs().max().item() <= 0.02 * ref.abs().max().item()  # bf16 rounding, fused differently

@@ -85,10 +85,27 @@ def test_cli_reports_errors_without_a_traceback():
     assert result.returncode == 2 and "Traceback" not in result.stderr
 
 
-def test_cli_refuses_compile_with_cpu_bf16(gpt2_shaped_repo):
-    result = subprocess.run([sys.executable, "-m", "minhub", "generate", gpt2_shaped_repo, "hi", "--compile",
-                             "--dtype", "bfloat16"], capture_output=True, text=True, env=_env(), cwd=REPO_ROOT)
-    assert result.returncode == 2 and "--compile does not combine with bfloat16" in result.stderr
+def test_cli_int8_streams_what_the_quantized_model_generates(gpt2_shaped_repo):
+    from minhub.fast import quantize_int8
+
+    prompt = "The meaning of life is"
+    result = subprocess.run([sys.executable, "-m", "minhub", "generate", gpt2_shaped_repo, prompt, "--int8",
+                             "--max-new-tokens", "8", "--temperature", "0", "--ignore-eos"],
+                            capture_output=True, text=True, env=_env(), cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    model = quantize_int8(gpt2_from_pretrained(gpt2_shaped_repo))
+    tokenizer = tokenizer_from_pretrained(gpt2_shaped_repo)
+    idx = torch.tensor([tokenizer.encode(prompt).ids])
+    out = generate(model, idx, 8, temperature=0)
+    assert result.stdout == prompt + tokenizer.decode(out[0, idx.size(1):].tolist()) + "\n"
+
+
+@pytest.mark.parametrize("options, message", [(["--compile", "--dtype", "bfloat16"], "--compile does not combine"),
+                                              (["--int8", "--dtype", "float16"], "--int8 is CPU-only")])
+def test_cli_refuses_combinations_that_do_not_work(gpt2_shaped_repo, options, message):
+    result = subprocess.run([sys.executable, "-m", "minhub", "generate", gpt2_shaped_repo, "hi", *options],
+                            capture_output=True, text=True, env=_env(), cwd=REPO_ROOT)
+    assert result.returncode == 2 and message in result.stderr
 
 
 def test_import_minhub_stays_light():
