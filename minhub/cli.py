@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--int8", action="store_true",
                      help="int8 weights, bfloat16 activations, on CPU (minhub.fast.quantize_int8): fastest, least exact")
     gen.add_argument("--compile", action="store_true",
-                     help="compile the decode step (minhub.fast.compile_decode): ~12%% faster per token on CPU, "
+                     help="compile the decode step (minhub.fast.compile_decode): 10-15%% faster per token on CPU, "
                           "after a one-time compile of up to a minute")
     gen.set_defaults(handler=generate_command)
 

@@ -78,17 +78,18 @@ def prepack(model: nn.Module, dtype: torch.dtype = torch.bfloat16, batch_size: i
 
 class Int8Linear(nn.Module):
     """A frozen nn.Linear with int8 weights, one scale per output row (symmetric, weight-only quantization):
-    y = (x @ q.T) * scale + bias, computed in the activations' dtype (bfloat16) by torch._weight_int8pack_mm."""
+    y = (x @ q.T) * scale + bias, in bfloat16 (PyTorch's int8 kernel is slow with fp32 inputs), by
+    torch._weight_int8pack_mm."""
 
-    def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach().float()  # (out, in)
         scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127  # the largest weight of each row maps to +-127
         self.register_buffer("weight", torch.round(weight / scale[:, None]).to(torch.int8).contiguous(),
                              persistent=False)
-        self.register_buffer("scale", scale.to(dtype), persistent=False)
-        bias = None if linear.bias is None else linear.bias.detach().to(dtype)
+        self.register_buffer("scale", scale.to(torch.bfloat16), persistent=False)
+        bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
         self.register_buffer("bias", bias, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,7 +98,7 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights, {self.scale.dtype}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
@@ -116,7 +117,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(parent, name, Int8Linear(child, torch.bfloat16))
+                    setattr(parent, name, Int8Linear(child))
         model.to(torch.bfloat16)  # embeddings, LayerNorms, and with them the activations
     if hasattr(model, "clear_cache"):
         model.clear_cache()
@@ -137,6 +138,6 @@ def compile_decode(model: nn.Module) -> nn.Module:
     if any(isinstance(m, PackedLinear) for m in model.modules()):
         raise ValueError("compile_decode does not combine with prepack: use one or the other")
     model.eval()
-    # dynamic=True: one graph for every cache position and batch size instead of one per position
+    # dynamic=True: one graph for every cache position (and every batch size above 1), not one per position
     model.decode_step = torch.compile(model.forward, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
     return model
