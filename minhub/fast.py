@@ -64,13 +64,19 @@ def prepack(model: nn.Module, dtype: torch.dtype = torch.bfloat16, batch_size: i
                          "use model.to(torch.bfloat16)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return _replace_linears(model, lambda linear: PackedLinear(linear, dtype, batch_size), dtype)
+
+
+def _replace_linears(model: nn.Module, convert, dtype: torch.dtype) -> nn.Module:
+    """Swap every nn.Linear of `model` for `convert(linear)`, in place, then move what is left (embeddings,
+    LayerNorms, and with them the activations) to `dtype`."""
     model.eval()
     with torch.no_grad():
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(parent, name, PackedLinear(child, dtype, batch_size))
-        model.to(dtype)  # what is left: embeddings and LayerNorms
+                    setattr(parent, name, convert(child))
+        model.to(dtype)
     if hasattr(model, "clear_cache"):
         model.clear_cache()  # a KV cache of the old dtype
     return model
@@ -112,16 +118,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         raise ValueError("quantize_int8 is for CPU inference: move the model with model.cpu() first")
     if any(isinstance(m, PackedLinear) for m in model.modules()):
         raise ValueError("the model is already packed by prepack: quantize a freshly loaded model instead")
-    model.eval()
-    with torch.no_grad():
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, Int8Linear(child))
-        model.to(torch.bfloat16)  # embeddings, LayerNorms, and with them the activations
-    if hasattr(model, "clear_cache"):
-        model.clear_cache()
-    return model
+    return _replace_linears(model, Int8Linear, torch.bfloat16)
 
 
 def compile_decode(model: nn.Module) -> nn.Module:
