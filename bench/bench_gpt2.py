@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from minhub import generate, gpt2_from_pretrained
+from minhub import generate, gpt2_from_pretrained, hardware
 
 
 def write_random_gpt2(directory: Path) -> Path:
@@ -52,15 +52,9 @@ def write_random_gpt2(directory: Path) -> Path:
 
 
 def machine() -> str:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"
+    """The CPU (model, instruction sets, what the fast paths find) and the software."""
+    return (f"{hardware.cpu_info().describe()}; {torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"Python {platform.python_version()}")
 
 
 def bandwidth_gbs(rounds: int = 7) -> float:
@@ -178,12 +172,27 @@ def main() -> None:
 
     from minhub.fast import compile_decode, prepack, quantize_int8
 
+    cpu = hardware.cpu_info()
+    unavailable = {}  # variant -> why this machine cannot run it
+    if not cpu.onednn_bf16:
+        unavailable["minhub bf16 packed"] = "no oneDNN bf16 kernels (needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT)"
+    if not cpu.can_compile:
+        reason = "no C++ compiler for inductor" if cpu.cxx is None else "no Python.h for inductor"
+        unavailable["minhub fp32 compiled"] = unavailable["minhub int8 compiled"] = reason
+    for name, reason in unavailable.items():
+        print(f"{name}: unavailable on this machine ({reason})")
+
     rows = []
     g = torch.Generator().manual_seed(0)
-    bf16 = prepack(gpt2_from_pretrained(model_dir), torch.bfloat16)
-    compiled = compile_decode(gpt2_from_pretrained(model_dir))
-    int8 = quantize_int8(gpt2_from_pretrained(model_dir))
-    int8_compiled = compile_decode(quantize_int8(gpt2_from_pretrained(model_dir)))
+    reduced = {"bf16": gpt2_from_pretrained(model_dir, dtype=torch.bfloat16),  # unpacked: what runs everywhere
+               "int8": quantize_int8(gpt2_from_pretrained(model_dir))}
+    if "minhub bf16 packed" not in unavailable:
+        reduced["bf16 packed"] = prepack(gpt2_from_pretrained(model_dir), torch.bfloat16)
+    compiled = int8_compiled = None
+    if "minhub fp32 compiled" not in unavailable:
+        compiled = compile_decode(gpt2_from_pretrained(model_dir))
+        int8_compiled = reduced["int8 compiled, decode steps"] = compile_decode(
+            quantize_int8(gpt2_from_pretrained(model_dir)))
     with torch.inference_mode():
         # identical outputs first: a fast path that changes the tokens is not a speed-up
         prompt = torch.randint(0, 50257, (1, 32), generator=g)
@@ -193,15 +202,17 @@ def main() -> None:
             idx = torch.randint(0, 50257, (batch, 32), generator=g)
             fp32_packed = prepack(gpt2_from_pretrained(model_dir), torch.float32, batch)
             assert torch.equal(ours(fp32_packed, idx, 16), ours(model, idx, 16)), "packed fp32 tokens differ"
-            compile_seconds = _timed(lambda: ours(compiled, idx, 2))  # the first decode step compiles
-            compile_int8_seconds = _timed(lambda: ours(int8_compiled, idx, 2))
-            print(f"compile_decode, batch {batch}: first step compiled in {compile_seconds:.0f} s (fp32), "
-                  f"{compile_int8_seconds:.0f} s (int8)", flush=True)
-            assert torch.equal(ours(compiled, idx, 16), ours(model, idx, 16)), "compiled fp32 tokens differ"
             variants = {"minhub fp32": (ours, model), "minhub fp32 compiled": (ours, compiled),
-                        "minhub fp32 packed": (ours, fp32_packed), "minhub bf16 packed": (ours, bf16),
-                        "minhub int8": (ours, int8), "minhub int8 compiled": (ours, int8_compiled),
-                        "transformers fp32": (theirs, ref)}
+                        "minhub fp32 packed": (ours, fp32_packed), "minhub bf16": (ours, reduced["bf16"]),
+                        "minhub bf16 packed": (ours, reduced.get("bf16 packed")), "minhub int8": (ours, reduced["int8"]),
+                        "minhub int8 compiled": (ours, int8_compiled), "transformers fp32": (theirs, ref)}
+            variants = {name: v for name, v in variants.items() if name not in unavailable}
+            if compiled is not None:
+                compile_seconds = _timed(lambda: ours(compiled, idx, 2))  # the first decode step compiles
+                compile_int8_seconds = _timed(lambda: ours(int8_compiled, idx, 2))
+                print(f"compile_decode, batch {batch}: first step compiled in {compile_seconds:.0f} s (fp32), "
+                      f"{compile_int8_seconds:.0f} s (int8)", flush=True)
+                assert torch.equal(ours(compiled, idx, 16), ours(model, idx, 16)), "compiled fp32 tokens differ"
             for fn, m in variants.values():
                 fn(m, idx, 4)  # warm up
 
@@ -211,11 +222,15 @@ def main() -> None:
             r = paired({name: (lambda fn=fn, m=m: rate(fn, m)) for name, (fn, m) in variants.items()}, args.rounds)
             base = r["transformers fp32"]
             print(f"decode batch {batch} (tok/s): " + ", ".join(f"{k} {v:.1f}" for k, v in r.items()), flush=True)
-            for name in ("minhub fp32", "minhub fp32 compiled", "minhub fp32 packed", "minhub bf16 packed", "minhub int8",
-                         "minhub int8 compiled"):
-                rows.append((f"decode, batch {batch}, {name} (tok/s)", r[name], base, r[name] / base))
+            for name in ("minhub fp32", "minhub fp32 compiled", "minhub fp32 packed", "minhub bf16",
+                         "minhub bf16 packed", "minhub int8", "minhub int8 compiled"):
+                label = f"decode, batch {batch}, {name} (tok/s)"
+                rows.append((label, r[name], base, r[name] / base) if name in r
+                            else (label, f"unavailable: {unavailable[name]}", base, None))
             if batch == 1:
                 for name in ("minhub fp32", "minhub fp32 compiled"):
+                    if name not in r:
+                        continue
                     print(f"  {name}: {r[name] / roofline:.0%} of the 1 GiB-read roofline, "
                           f"{r[name] / matrix_roofline:.0%} of the matrix-by-matrix one; transformers "
                           f"{base / roofline:.0%} and {base / matrix_roofline:.0%}", flush=True)
@@ -236,8 +251,8 @@ def main() -> None:
         # reduced precision's accuracy: teacher-forced over one 512-token sequence, against the fp32 model
         logits32 = model(idx)[0]
         accuracy = {}
-        for name, reduced in (("bf16 packed", bf16), ("int8", int8), ("int8 compiled, decode steps", int8_compiled)):
-            logits = (stepwise_logits(reduced, idx) if "decode steps" in name else reduced(idx))[0].float()
+        for name, reduced_model in reduced.items():
+            logits = (stepwise_logits(reduced_model, idx) if "decode steps" in name else reduced_model(idx))[0].float()
             agree = (logits32.argmax(-1) == logits.argmax(-1)).float().mean().item()
             accuracy[name] = (agree, (logits32 - logits).abs().max().item())
             print(f"{name} vs fp32, teacher-forced 512 tokens: top-1 agreement {agree:.1%}, max |dlogit| "
@@ -283,7 +298,8 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, a, b, ratio in rows:
         fmt = (lambda x: f"{x:.0%}") if "roofline" in name else (lambda x: f"{x:.2f}" if x < 10 else f"{x:.1f}")
-        print(f"| {name} | {fmt(a)} | {fmt(b)} | {'' if ratio is None else f'{ratio:.2f}x'} |")
+        a = a if isinstance(a, str) else fmt(a)
+        print(f"| {name} | {a} | {fmt(b)} | {'' if ratio is None else f'{ratio:.2f}x'} |")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from minhub.gpt2 import (
     tokenizer_from_pretrained,
 )
 from minhub.gpt4 import GPT4, GPT4Config
+from minhub.hardware import CPUFeatureError, DeviceError
 from minhub.streaming import stream_text
 
 __version__ = "0.1.0"
@@ -28,6 +29,8 @@ __all__ = [
     "GPT4Config",
     "CheckpointError",
     "ConfigError",
+    "CPUFeatureError",
+    "DeviceError",
     "LoadError",
     "MissingFileError",
     "ModelNotFoundError",

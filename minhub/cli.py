@@ -19,35 +19,52 @@ def _model_type(identifier: str) -> str:
     return "gpt2"
 
 
+def _check_generate_args(args: argparse.Namespace) -> None:
+    """Every argument that can be checked without the model, before anything is loaded or printed."""
+    from minhub import hardware
+    from minhub.gpt2 import check_sampling_args
+
+    check_sampling_args(args.temperature, args.top_k or None, args.top_p)
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    device = hardware.check_device(args.device)
+    if args.int8 and (args.dtype != "float32" or device.type != "cpu"):
+        raise ValueError("--int8 is CPU-only and picks its own dtypes (int8 weights, bfloat16 activations): drop "
+                         "--dtype and --device")
+    if args.compile and args.dtype == "bfloat16" and device.type == "cpu":
+        raise ValueError("--compile does not combine with --dtype bfloat16 on the CPU (it is for float32 and "
+                         "--int8): drop one of the two")
+    if args.compile and device.type == "cpu":
+        hardware.require_compiler("--compile")
+
+
 def generate_command(args: argparse.Namespace) -> int:
     """Load MODEL and its tokenizer from one commit, then stream the continuation of PROMPT to stdout."""
     import torch
 
+    from minhub import hardware
     from minhub.gpt2 import LoadError, gpt2_from_pretrained, tokenizer_from_pretrained
     from minhub.streaming import stream_text
 
     dtype = getattr(torch, args.dtype)
     try:
+        _check_generate_args(args)
         if _model_type(args.model) == "minhub-gpt4":
             if args.compile or args.int8:
-                print("minhub: --compile and --int8 are for GPT-2 models; drop them for this GPT4 run", file=sys.stderr)
-                return 2
+                raise ValueError("--compile and --int8 are for GPT-2 models; drop them for this GPT4 run")
             return _generate_gpt4(args, dtype)
-        if args.int8 and (args.dtype != "float32" or args.device != "cpu"):
-            print("minhub: --int8 is CPU-only and picks its own dtypes (int8 weights, bfloat16 activations): drop "
-                  "--dtype and --device", file=sys.stderr)
-            return 2
         model = gpt2_from_pretrained(args.model, args.revision, dtype=dtype, device=args.device)
         # the model's commit, not the branch name: model and tokenizer come from the same files
         tokenizer = tokenizer_from_pretrained(args.model, model.commit_hash or args.revision)
-    except (LoadError, ValueError, FileNotFoundError) as e:
+    except (LoadError, ValueError, FileNotFoundError, hardware.CPUFeatureError) as e:
         print(f"minhub: {e}", file=sys.stderr)
         return 2
-    if args.dtype == "bfloat16" and model.transformer.wte.weight.device.type == "cpu":
-        if args.compile:
-            print("minhub: --compile does not combine with bfloat16 on the CPU, which packs the weights instead: "
-                  "drop one of the two", file=sys.stderr)
-            return 2
+    if tokenizer.get_vocab_size() > model.config.vocab_size:
+        print(f"minhub: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
+              f"{model.config.vocab_size}: they do not belong together", file=sys.stderr)
+        return 2
+    on_cpu = model.transformer.wte.weight.device.type == "cpu"
+    if args.dtype == "bfloat16" and on_cpu and hardware.cpu_info().onednn_bf16:
         from minhub.fast import prepack
 
         prepack(model, torch.bfloat16)  # bf16 matmuls on CPU are only fast with weights packed once
@@ -59,10 +76,6 @@ def generate_command(args: argparse.Namespace) -> int:
         from minhub.fast import compile_decode
 
         compile_decode(model)
-    if tokenizer.get_vocab_size() > model.config.vocab_size:
-        print(f"minhub: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
-              f"{model.config.vocab_size}: they do not belong together", file=sys.stderr)
-        return 2
     generator = None
     if args.seed is not None:
         generator = torch.Generator(device=model.transformer.wte.weight.device).manual_seed(args.seed)
@@ -161,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
     gen.add_argument("--seed", type=int, default=None, help="make sampling repeatable")
     gen.add_argument("--revision", default=None, help="branch, tag or commit sha on the hub")
-    gen.add_argument("--dtype", choices=DTYPES, default="float32")
+    gen.add_argument("--dtype", choices=DTYPES, default="float32",
+                     help="bfloat16 on the CPU packs the weights for oneDNN where the CPU has AVX-512 (or "
+                          "AVX-NE-CONVERT), and runs them unpacked elsewhere")
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     gen.add_argument("--ignore-eos", action="store_true", help="keep going after <|endoftext|>")
     gen.add_argument("--int8", action="store_true",

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from minhub import hardware
+
 
 class PackedLinear(nn.Module):
     """A frozen nn.Linear whose weight lives in oneDNN's blocked layout, packed once at construction.
@@ -54,11 +56,19 @@ def prepack(model: nn.Module, dtype: torch.dtype = torch.bfloat16, batch_size: i
     accuracy figures) or torch.float32 (same numbers as the plain model, faster for batched decoding).
     batch_size: the batch you will decode with, a layout hint. The model must be on the CPU; it becomes
     inference-only (call it under torch.inference_mode()).
+    bf16 packing needs oneDNN's bf16 kernels (AVX-512 BW/VL/DQ or AVX-NE-CONVERT): on other CPUs, such as AVX2-only
+    ones, it raises minhub.hardware.CPUFeatureError before touching the model. fp32 packing runs on every CPU.
     """
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"prepack supports torch.float32 and torch.bfloat16, not {dtype}")
-    if not torch.backends.mkldnn.is_available():
-        raise RuntimeError("this PyTorch build has no oneDNN (mkldnn): use the model as it is")
+    if dtype == torch.bfloat16:
+        hardware.require_onednn_bf16(
+            "prepack(model, torch.bfloat16)",
+            instead="use quantize_int8(model) (a quarter of fp32's bytes, runs on every CPU), the unpacked "
+                    "model.to(torch.bfloat16), or prepack(model, torch.float32)")
+    elif not hardware.cpu_info().onednn:
+        raise hardware.CPUFeatureError("prepack needs a PyTorch built with oneDNN (mkldnn), and this one is not: "
+                                       "use the model as it is")
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise ValueError("prepack is for CPU inference: move the model with model.cpu() first, or on a GPU simply "
                          "use model.to(torch.bfloat16)")
@@ -127,13 +137,16 @@ def compile_decode(model: nn.Module) -> nn.Module:
 
     Compilation happens lazily at the first decode step, once per kind of call (one row or several, with or without
     attention_mask): about 40 s the first time on a 2-core CPU, a few seconds when inductor's on-disk cache already
-    holds it. Needs a C++ compiler (inductor's requirement). Outputs equal the eager step's to float rounding. Forward
+    holds it. Needs a C++ compiler and Python.h on the CPU (inductor's requirement): without them it raises
+    minhub.hardware.CPUFeatureError before changing the model. Outputs equal the eager step's to float rounding. Forward
     hooks are not called inside the compiled step.
     """
     if not hasattr(model, "decode_step"):
         raise TypeError(f"compile_decode needs a model with a decode_step method (minhub GPT2), not {type(model).__name__}")
     if any(isinstance(m, PackedLinear) for m in model.modules()):
         raise ValueError("compile_decode does not combine with prepack: use one or the other")
+    if any(p.device.type == "cpu" for p in model.parameters()):
+        hardware.require_compiler("compile_decode")
     model.eval()
     # dynamic=True: one graph for every cache position (and every batch size above 1), not one per position
     model.decode_step = torch.compile(model.forward, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})

@@ -281,8 +281,8 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(out: Path, model: nn.Module, optimizer, step: int, batches: Batches, config: TrainConfig,
-                    best_val: float) -> None:
+def save_checkpoint(out: Path, model: nn.Module, optimizer, scaler, step: int, batches: Batches,
+                    config: TrainConfig, best_val: float) -> None:
     """The loadable model (config.json + model.safetensors) first, then train_state.pt, which alone is enough to
     resume: if a crash falls between the two, --resume continues from the previous, complete state."""
     tmp = out / ".tmp-checkpoint"
@@ -292,6 +292,7 @@ def save_checkpoint(out: Path, model: nn.Module, optimizer, step: int, batches: 
         os.replace(tmp / name, out / name)
     state = {
         "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "best_val": best_val,
+        "scaler": scaler.state_dict(),
         "rng": torch.get_rng_state(), "batch_rng": batches.generator.get_state(), "config": asdict(config),
     }
     if torch.cuda.is_available():
@@ -327,8 +328,38 @@ def check_run_directory(out: Path, config: TrainConfig) -> dict | None:
 # The training loop
 
 
-def _raise_keyboard_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+class StopRequest:
+    """The signal handler for SIGTERM and SIGINT (Ctrl-C) during training.
+
+    The first signal only asks the loop to stop: it finishes the step it is in (eval and save included) and saves
+    that step, so the checkpoint never mixes two steps' state. A second signal stops at once, wherever the loop is;
+    every file is written atomically, so the last complete checkpoint survives that too.
+    """
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    def __call__(self, signum: int, frame) -> None:
+        if self.signal_name is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping at once")
+        self.signal_name = signal.Signals(signum).name
+
+    def install(self) -> dict:
+        """Handle SIGTERM and SIGINT from now on (main thread only); return the handlers to put back."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {signum: signal.signal(signum, self) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _stop_everywhere(stop: StopRequest, world: int, device: torch.device) -> bool:
+    """Whether any process was asked to stop: all DDP processes must leave the loop at the same step."""
+    if world == 1:
+        return stop.signal_name is not None
+    import torch.distributed as dist
+
+    flag = torch.tensor([stop.signal_name is not None], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _setup_distributed() -> tuple[int, int, int]:
@@ -343,11 +374,20 @@ def _setup_distributed() -> tuple[int, int, int]:
 
 
 def _device(config: TrainConfig, local_rank: int) -> torch.device:
-    if config.device != "auto":
-        return torch.device(config.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+    """The device to train on; a device this machine does not have, or --compile without a C++ compiler on the
+    CPU, is a TrainError before anything is written."""
+    from minhub import hardware
+
+    try:
+        if config.device != "auto":
+            device = hardware.check_device(config.device)
+        else:
+            device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if config.compile and device.type == "cpu":
+            hardware.require_compiler("--compile")
+    except (hardware.DeviceError, hardware.CPUFeatureError) as e:
+        raise TrainError(str(e)) from e
+    return device
 
 
 def _autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -379,8 +419,9 @@ def estimate_loss(model: nn.Module, batches: dict[str, Batches], steps: int, aut
 def train(config: TrainConfig, callback: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
     """Train as `config` says; return the last {"step", "train_loss", "val_loss"}.
 
-    callback(step, metrics) is called after every optimizer step (metrics: loss, lr). Ctrl-C (KeyboardInterrupt) or
-    SIGTERM saves a checkpoint at the last finished step before it propagates, so nothing is lost; a SIGKILL loses at
+    callback(step, metrics) is called after every optimizer step (metrics: loss, lr). SIGTERM or Ctrl-C (SIGINT)
+    ends the step under way, saves it, and raises KeyboardInterrupt: --resume then continues bit for bit as if the
+    run had never stopped. A second signal stops at once, keeping the last complete checkpoint; a SIGKILL loses at
     most the steps since the last periodic save (--save-every).
     """
     from contextlib import nullcontext
@@ -448,6 +489,8 @@ def train(config: TrainConfig, callback: Callable[[int, dict], None] | None = No
     amp = _autocast_dtype(config, device)
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    if resumed is not None and resumed.get("scaler"):
+        scaler.load_state_dict(resumed["scaler"])
     log_path = out / "log.jsonl"
     save_every = config.save_every or config.eval_every
     tokens_per_step = config.batch_size * config.block_size * config.grad_accum * world
@@ -460,12 +503,18 @@ def train(config: TrainConfig, callback: Callable[[int, dict], None] | None = No
     last = {"step": step, "train_loss": None, "val_loss": None}
     model.train()
     t0 = time.perf_counter()
-    previous_sigterm = None
-    if threading.current_thread() is threading.main_thread():
-        # `kill`, schedulers and torchrun send SIGTERM first: treat it like Ctrl-C, so the run saves and can resume
-        previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    stop = StopRequest()
+    previous_handlers = stop.install()  # `kill`, schedulers and torchrun send SIGTERM first; Ctrl-C sends SIGINT
+    saved_step = step if resumed is not None else None
     try:
         while step < config.max_steps:
+            if _stop_everywhere(stop, world, device):  # a step boundary: nothing of the next step has happened
+                if main_process:
+                    if saved_step != step:
+                        save_checkpoint(out, raw_model, optimizer, scaler, step, batches, config, best_val)
+                    tqdm.write(f"stopped by {stop.signal_name or 'a signal to another process'} after step {step}, "
+                               f"saved in {out} (continue with --resume)")
+                raise KeyboardInterrupt(stop.signal_name)
             lr = learning_rate(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -500,16 +549,12 @@ def train(config: TrainConfig, callback: Callable[[int, dict], None] | None = No
                         f.write(json.dumps({**last, "lr": lr, "tokens": step * tokens_per_step,
                                             "time": time.time()}) + "\n")
             if main_process and (step % save_every == 0 or step == config.max_steps):
-                save_checkpoint(out, raw_model, optimizer, step, batches, config, best_val)
-    except KeyboardInterrupt:
-        if main_process:
-            tqdm.write(f"interrupted: saving step {step} to {out} (continue with --resume)")
-            save_checkpoint(out, raw_model, optimizer, step, batches, config, best_val)
-        raise
+                save_checkpoint(out, raw_model, optimizer, scaler, step, batches, config, best_val)
+                saved_step = step
     finally:
         bar.close()
-        if previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, previous_sigterm)
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
         if world > 1:
             import torch.distributed as dist
 

@@ -23,3 +23,10 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_report_header(config):
+    """Which CPU branches this run takes: tests that need a feature skip with its name, the rest fake its absence."""
+    from minhub import hardware
+
+    return f"cpu: {hardware.cpu_info().describe()}"

@@ -1,15 +1,29 @@
-"""The fast paths (prepacked weights, compiled decode step) compute what the plain model computes."""
+"""The fast paths (prepacked weights, compiled decode step) compute what the plain model computes, and on a CPU
+that cannot run one they refuse before touching the model.
 
-import shutil
+Tests that need a CPU feature skip with the feature's name; the behaviour without it is tested everywhere by
+replacing the capability probe (minhub.hardware.cpu_info) with one that lacks the feature."""
+
+import dataclasses
 
 import pytest
 import torch
 from helpers import hf_gpt2, save_checkpoint
 
-from minhub import generate, gpt2_from_pretrained, pad_left
+from minhub import generate, gpt2_from_pretrained, hardware, pad_left
 from minhub.fast import Int8Linear, PackedLinear, compile_decode, prepack, quantize_int8
 
-pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+CPU = hardware.cpu_info()
+pytestmark = pytest.mark.skipif(not CPU.onednn, reason="needs a PyTorch built with oneDNN")
+needs_onednn_bf16 = pytest.mark.skipif(
+    not CPU.onednn_bf16, reason=f"needs oneDNN bf16 kernels (AVX-512 BW/VL/DQ or AVX-NE-CONVERT); {CPU.describe()}")
+needs_compiler = pytest.mark.skipif(not CPU.can_compile, reason=f"inductor needs a C++ compiler; {CPU.describe()}")
+
+
+def fake_cpu(monkeypatch, **changes) -> None:
+    """Make every fast path see this CPU with `changes` (e.g. onednn_bf16=False, as on AVX2-only CPUs)."""
+    fake = dataclasses.replace(CPU, **changes)
+    monkeypatch.setattr(hardware, "cpu_info", lambda: fake)
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +46,7 @@ def test_fp32_packed_equals_the_plain_model(checkpoint, batch_size):
                        generate(plain, prompts, 20, temperature=0, attention_mask=mask))
 
 
+@needs_onednn_bf16
 def test_bf16_packed_stays_close_to_fp32(checkpoint):
     plain = gpt2_from_pretrained(checkpoint)
     packed = prepack(gpt2_from_pretrained(checkpoint), torch.bfloat16)
@@ -53,7 +68,7 @@ def test_prepack_refuses_what_it_cannot_do(checkpoint):
         prepack(model, torch.float32, 0)
 
 
-@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler")
+@needs_compiler
 def test_compiled_decode_step_equals_the_eager_one(checkpoint):
     eager = gpt2_from_pretrained(checkpoint)
     compiled = compile_decode(gpt2_from_pretrained(checkpoint))
@@ -71,6 +86,27 @@ def test_compiled_decode_step_equals_the_eager_one(checkpoint):
         prompts, mask = pad_left([[1, 2, 3], [4]], pad_id=0)
         assert torch.equal(generate(compiled, prompts, 20, temperature=0, attention_mask=mask),
                            generate(eager, prompts, 20, temperature=0, attention_mask=mask))
+
+
+def test_without_onednn_bf16_prepack_bf16_refuses_before_touching_the_model(checkpoint, monkeypatch):
+    fake_cpu(monkeypatch, onednn_bf16=False, isa="AVX2", model="an AVX2-only CPU")
+    model = gpt2_from_pretrained(checkpoint)
+    with pytest.raises(hardware.CPUFeatureError, match=r"AVX-512 \(BW, VL, DQ\) or AVX-NE-CONVERT; this CPU "
+                                                        r"\(an AVX2-only CPU, AVX2\) has neither: use quantize_int8"):
+        prepack(model, torch.bfloat16)
+    assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight.dtype == torch.float32
+    assert isinstance(prepack(model, torch.float32).lm_head, PackedLinear)  # fp32 packing needs no AVX-512
+
+
+def test_without_a_compiler_compile_decode_refuses_before_touching_the_model(checkpoint, monkeypatch):
+    model = gpt2_from_pretrained(checkpoint)
+    fake_cpu(monkeypatch, cxx=None)
+    with pytest.raises(hardware.CPUFeatureError, match="compile_decode needs a C\\+\\+ compiler"):
+        compile_decode(model)
+    fake_cpu(monkeypatch, python_headers=False)
+    with pytest.raises(hardware.CPUFeatureError, match="Python's C headers"):
+        compile_decode(model)
+    assert "decode_step" not in vars(model)  # still the eager method
 
 
 def test_compile_decode_refuses_what_it_cannot_do(checkpoint):
@@ -112,7 +148,7 @@ def test_int8_model_stays_close_to_fp32(checkpoint):
         quantize_int8(prepack(gpt2_from_pretrained(checkpoint), torch.float32))
 
 
-@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler")
+@needs_compiler
 def test_compiled_int8_decode_step_stays_with_the_eager_one(checkpoint):
     eager = quantize_int8(gpt2_from_pretrained(checkpoint))
     compiled = compile_decode(quantize_int8(gpt2_from_pretrained(checkpoint)))

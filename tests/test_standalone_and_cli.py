@@ -157,3 +157,66 @@ def test_gpt4_example_runs():
                             capture_output=True, text=True, env=_env(), cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()[-1].strip("[]").split(",")) == 12
+
+
+# --- what the machine cannot do: one line, exit 2, nothing printed before -----------------------------------------
+
+
+def _fake_cpu(monkeypatch, **changes):
+    import dataclasses
+
+    from minhub import hardware
+
+    fake = dataclasses.replace(hardware.cpu_info(), **changes)
+    monkeypatch.setattr(hardware, "cpu_info", lambda: fake)
+
+
+@pytest.mark.parametrize("onednn_bf16", [False, True])
+def test_cli_bfloat16_packs_where_the_cpu_can_and_runs_unpacked_elsewhere(gpt2_shaped_repo, capsys, monkeypatch,
+                                                                            onednn_bf16):
+    from minhub import hardware
+    from minhub.cli import main
+    from minhub.fast import prepack
+
+    if onednn_bf16 and not hardware.cpu_info().onednn_bf16:
+        pytest.skip(f"needs oneDNN bf16 kernels (AVX-512 BW/VL/DQ or AVX-NE-CONVERT); {hardware.cpu_info().describe()}")
+    _fake_cpu(monkeypatch, onednn_bf16=onednn_bf16)
+    prompt = "The meaning of life is"
+    assert main(["generate", gpt2_shaped_repo, prompt, "--dtype", "bfloat16", "--max-new-tokens", "8",
+                 "--temperature", "0", "--ignore-eos"]) == 0
+    model = gpt2_from_pretrained(gpt2_shaped_repo, dtype=torch.bfloat16)
+    if onednn_bf16:
+        prepack(model, torch.bfloat16)
+    tokenizer = tokenizer_from_pretrained(gpt2_shaped_repo)
+    idx = torch.tensor([tokenizer.encode(prompt).ids])
+    out = generate(model, idx, 8, temperature=0)
+    assert capsys.readouterr().out == prompt + tokenizer.decode(out[0, idx.size(1):].tolist()) + "\n"
+
+
+def test_cli_compile_without_a_compiler_is_one_line_before_any_output(gpt2_shaped_repo, capsys, monkeypatch):
+    from minhub.cli import main
+
+    _fake_cpu(monkeypatch, cxx=None)
+    assert main(["generate", gpt2_shaped_repo, "hello", "--compile"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("minhub: --compile needs a C++ compiler")
+
+
+@pytest.mark.parametrize("device", ["cuda:99", "mps", "tpu"])
+def test_cli_a_missing_device_is_one_line_naming_what_exists(gpt2_shaped_repo, device):
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    result = subprocess.run([sys.executable, "-m", "minhub", "generate", gpt2_shaped_repo, "hello", "--device", device],
+                            capture_output=True, text=True, env=_env(), cwd=REPO_ROOT)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("minhub: ") and "Traceback" not in result.stderr
+    assert ("Available here: cpu" in result.stderr) or "use cpu, cuda, cuda:N or mps" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("option", [["--top-k", "-1"], ["--top-p", "1.5"], ["--temperature", "nan"],
+                                    ["--max-new-tokens", "-3"]])
+def test_cli_bad_sampling_values_fail_before_the_prompt_is_printed(gpt2_shaped_repo, option):
+    result = subprocess.run([sys.executable, "-m", "minhub", "generate", gpt2_shaped_repo, "hello", *option],
+                            capture_output=True, text=True, env=_env(), cwd=REPO_ROOT)
+    assert result.returncode == 2 and result.stdout == "" and result.stderr.startswith("minhub: ")

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -54,23 +55,87 @@ def test_validation_loss_falls_clearly_below_the_unigram_baseline(corpus, tmp_pa
     assert [row["step"] for row in log] == [75, 150] and log[1]["val_loss"] < log[0]["val_loss"]
 
 
-def test_resume_gives_the_same_result_as_an_uninterrupted_run(corpus, tmp_path):
-    straight = train(tiny(corpus, tmp_path / "straight", dropout=0.1, save_every=10))
+# dropout and gradient accumulation: random state and half-finished steps that a bad stop would show
+EXACT = dict(dropout=0.1, grad_accum=2, save_every=10, eval_every=15)
 
-    def interrupt(step, metrics):
-        if step == 15:
-            raise KeyboardInterrupt  # what Ctrl-C does: the loop saves step 15, then stops
 
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+    run = tmp_path_factory.mktemp("straight") / "run"
+    return train(tiny(corpus, run, **EXACT)), load_file(run / "model.safetensors")
+
+
+def _signal_self(times: int = 1) -> None:
+    for _ in range(times):
+        signal.raise_signal(signal.SIGTERM)  # the handler runs before raise_signal returns
+
+
+@pytest.mark.parametrize("moment, saved_step", [
+    ("forward", 14),  # second micro-batch of step 14: the step is finished, then saved
+    ("between backward and the optimizer step", 15),
+    ("eval", 15),  # the evaluation after step 15 runs to its end
+    ("periodic save", 10),  # the save of step 10 completes; the run stops before step 11
+    ("second signal during a save", 10),  # stops at once inside the save of step 20: step 10 stays the checkpoint
+])
+def test_a_signal_at_any_moment_stops_at_a_step_boundary_and_resumes_bit_for_bit(
+        corpus, tmp_path, monkeypatch, uninterrupted, moment, saved_step):
+    import safetensors.torch
+
+    import minhub.train as train_module
+
+    calls = Counter()
+
+    def build_model(config, vocab_size):
+        model = real_build_model(config, vocab_size)
+
+        def before_forward(module, args):
+            calls["train" if module.training else "eval"] += 1
+            if (moment == "forward" and module.training and calls["train"] == 2 * 13 + 2) or \
+                    (moment == "eval" and not module.training and calls["eval"] == 1):
+                _signal_self()
+
+        model.register_forward_pre_hook(before_forward)
+        return model
+
+    def build_optimizer(model, config, fused):
+        optimizer = real_build_optimizer(model, config, fused)
+
+        def before_step(optimizer, args, kwargs):
+            calls["step"] += 1
+            if moment == "between backward and the optimizer step" and calls["step"] == 15:
+                _signal_self()
+
+        optimizer.register_step_pre_hook(before_step)
+        return optimizer
+
+    def save_file(tensors, filename, metadata=None):
+        calls["save"] += 1
+        real_save_file(tensors, filename, metadata)
+        if moment == "periodic save" and calls["save"] == 1:
+            _signal_self()
+        if moment == "second signal during a save" and calls["save"] == 2:
+            _signal_self(times=2)
+
+    real_build_model, real_build_optimizer = train_module.build_model, train_module.build_optimizer
+    real_save_file = safetensors.torch.save_file
+    monkeypatch.setattr(train_module, "build_model", build_model)
+    monkeypatch.setattr(train_module, "build_optimizer", build_optimizer)
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    run = tmp_path / "run"
+    handler_before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny(corpus, tmp_path / "resumed", dropout=0.1, save_every=10), callback=interrupt)
-    state = torch.load(tmp_path / "resumed" / "train_state.pt", weights_only=True)
-    assert state["step"] == 15
-    resumed = train(TrainConfig(data=str(corpus), out=str(tmp_path / "resumed"), max_steps=40, eval_every=20,
-                                eval_steps=4, resume=True))
+        train(tiny(corpus, run, **EXACT))
+    assert signal.getsignal(signal.SIGTERM) is handler_before  # the run's handler is gone again
+    assert torch.load(run / "train_state.pt", weights_only=True)["step"] == saved_step
+    monkeypatch.undo()
+
+    resumed = train(TrainConfig(data=str(corpus), out=str(run), max_steps=40, eval_every=15, eval_steps=4,
+                                resume=True))
+    straight, straight_weights = uninterrupted
     assert resumed == straight
-    a = load_file(tmp_path / "straight" / "model.safetensors")
-    b = load_file(tmp_path / "resumed" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    weights = load_file(run / "model.safetensors")
+    assert weights.keys() == straight_weights.keys()
+    assert all(torch.equal(weights[k], straight_weights[k]) for k in weights)
 
 
 def test_a_trained_gpt2_loads_with_from_pretrained_and_in_transformers(corpus, tmp_path):
@@ -143,7 +208,6 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(corpus, tmp_
 
 
 def test_a_killed_run_saves_and_resumes(corpus, tmp_path):
-    import signal
     import time
 
     run = tmp_path / "run"
@@ -157,7 +221,7 @@ def test_a_killed_run_saves_and_resumes(corpus, tmp_path):
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)  # what `kill` sends
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 130 and "interrupted: saving step" in out + err
+    assert process.returncode == 130 and "stopped by SIGTERM after step" in out + err
     step = torch.load(run / "train_state.pt", weights_only=True)["step"]
     assert step >= 50  # no periodic save happened: this is the SIGTERM save
     gpt2_from_pretrained(run)
