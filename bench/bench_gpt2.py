@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from minhub import generate, gpt2_from_pretrained, hardware
+from minhub import generate, generation, gpt2_from_pretrained, hardware
 
 
 def write_random_gpt2(directory: Path) -> Path:
@@ -77,9 +77,9 @@ def matrix_read_gbs(model, rounds: int = 7) -> float:
 def stepwise_logits(model, idx: torch.Tensor) -> torch.Tensor:
     """Teacher-forced logits (B, T, V) through the KV-cached decode step, one token at a time: the path generate
     takes, compiled or not."""
-    model.setup_cache(idx.size(0))  # the full-size cache generate uses: a compiled step is not recompiled
-    return torch.cat([model(idx[:, :1], 0)] + [model.decode_step(idx[:, t:t + 1], t) for t in range(1, idx.size(1))],
-                     dim=1)
+    model.setup_cache(idx.size(0), model.config.n_positions + 1)  # the engine's cache: no recompile
+    step = generation.decode_step(model)
+    return torch.cat([model(idx[:, :1], 0)] + [step(idx[:, t:t + 1], t) for t in range(1, idx.size(1))], dim=1)
 
 
 def _timed(fn) -> float:

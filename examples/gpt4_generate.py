@@ -46,7 +46,7 @@ def main() -> None:
     if tokenizer:
         print(args.prompt + tokenizer.decode(new[0].tolist()))
     else:
-        print(f"{model.num_parameters():,} parameters; prompt {ids} ->")
+        print(f"{sum(p.numel() for p in model.parameters()):,} parameters; prompt {ids} ->")
         print(new[0].tolist())
 
 

@@ -1,24 +1,24 @@
-"""minhub: small, readable, single-file language models that load real pretrained weights from the Hugging Face hub."""
+"""minhub: small, readable, single-file language models that load real pretrained weights from the Hugging Face hub.
 
-from minhub.gpt2 import (
-    GPT2,
+The model files (gpt2.py, gpt4.py) stand alone; the package adds loading with typed errors (hub.py), one generation
+engine (generation.py), tokenizers (tokenizer.py), CPU fast paths (fast.py, hardware.py), training and the CLI.
+"""
+
+from minhub.generation import generate, generate_stream, pad_left, sample_next_token, stream_text
+from minhub.gpt2 import GPT2, GPT2Config
+from minhub.gpt4 import GPT4, GPT4Config
+from minhub.hardware import CPUFeatureError, DeviceError
+from minhub.hub import (
     CheckpointError,
     ConfigError,
-    GPT2Config,
     LoadError,
     MissingFileError,
     ModelNotFoundError,
     RevisionNotFoundError,
-    generate,
-    generate_stream,
     gpt2_from_pretrained,
-    pad_left,
-    sample_next_token,
-    tokenizer_from_pretrained,
+    gpt4_from_pretrained,
 )
-from minhub.gpt4 import GPT4, GPT4Config
-from minhub.hardware import CPUFeatureError, DeviceError
-from minhub.streaming import stream_text
+from minhub.tokenizer import tokenizer_from_pretrained
 
 __version__ = "0.1.0"
 
@@ -27,9 +27,9 @@ __all__ = [
     "GPT2Config",
     "GPT4",
     "GPT4Config",
+    "CPUFeatureError",
     "CheckpointError",
     "ConfigError",
-    "CPUFeatureError",
     "DeviceError",
     "LoadError",
     "MissingFileError",
@@ -38,6 +38,7 @@ __all__ = [
     "generate",
     "generate_stream",
     "gpt2_from_pretrained",
+    "gpt4_from_pretrained",
     "pad_left",
     "sample_next_token",
     "stream_text",

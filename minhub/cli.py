@@ -8,21 +8,10 @@ import sys
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _model_type(identifier: str) -> str:
-    """'gpt2' or 'minhub-gpt4', from a local directory's config.json (hub repos are GPT-2 checkpoints)."""
-    import json
-    from pathlib import Path
-
-    config = Path(identifier).expanduser() / "config.json"
-    if config.is_file():
-        return json.loads(config.read_text()).get("model_type", "gpt2")
-    return "gpt2"
-
-
 def _check_generate_args(args: argparse.Namespace) -> None:
     """Every argument that can be checked without the model, before anything is loaded or printed."""
     from minhub import hardware
-    from minhub.gpt2 import check_sampling_args
+    from minhub.generation import check_sampling_args
 
     check_sampling_args(args.temperature, args.top_k or None, args.top_p)
     if args.max_new_tokens < 0:
@@ -39,32 +28,36 @@ def _check_generate_args(args: argparse.Namespace) -> None:
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    """Load MODEL and its tokenizer from one commit, then stream the continuation of PROMPT to stdout."""
+    """Load MODEL (GPT-2 or a GPT4-style run) and its tokenizer from one commit, then stream the continuation of
+    PROMPT to stdout."""
     import torch
 
-    from minhub import hardware
-    from minhub.gpt2 import LoadError, gpt2_from_pretrained, tokenizer_from_pretrained
-    from minhub.streaming import stream_text
+    from minhub import hardware, hub
+    from minhub.generation import stream_text
+    from minhub.tokenizer import tokenizer_from_pretrained
 
     dtype = getattr(torch, args.dtype)
     try:
         _check_generate_args(args)
-        if _model_type(args.model) == "minhub-gpt4":
+        if hub.model_type(args.model, args.revision) == "minhub-gpt4":
             if args.compile or args.int8:
                 raise ValueError("--compile and --int8 are for GPT-2 models; drop them for this GPT4 run")
-            return _generate_gpt4(args, dtype)
-        model = gpt2_from_pretrained(args.model, args.revision, dtype=dtype, device=args.device)
+            model = hub.gpt4_from_pretrained(args.model, args.revision, dtype=dtype, device=args.device)
+            vocab_size, eos = model.config.num_tokens, None  # GPT4 runs have no end-of-text token
+        else:
+            model = hub.gpt2_from_pretrained(args.model, args.revision, dtype=dtype, device=args.device)
+            vocab_size, eos = model.config.vocab_size, None if args.ignore_eos else model.config.eos_token_id
         # the model's commit, not the branch name: model and tokenizer come from the same files
         tokenizer = tokenizer_from_pretrained(args.model, model.commit_hash or args.revision)
-    except (LoadError, ValueError, FileNotFoundError, hardware.CPUFeatureError) as e:
+    except (hub.LoadError, ValueError, FileNotFoundError, hardware.CPUFeatureError) as e:
         print(f"minhub: {e}", file=sys.stderr)
         return 2
-    if tokenizer.get_vocab_size() > model.config.vocab_size:
-        print(f"minhub: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
-              f"{model.config.vocab_size}: they do not belong together", file=sys.stderr)
+    if tokenizer.get_vocab_size() > vocab_size:
+        print(f"minhub: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model only {vocab_size}: they "
+              "do not belong together", file=sys.stderr)
         return 2
-    on_cpu = model.transformer.wte.weight.device.type == "cpu"
-    if args.dtype == "bfloat16" and on_cpu and hardware.cpu_info().onednn_bf16:
+    device = next(model.parameters()).device
+    if args.dtype == "bfloat16" and device.type == "cpu" and hardware.cpu_info().onednn_bf16:
         from minhub.fast import prepack
 
         prepack(model, torch.bfloat16)  # bf16 matmuls on CPU are only fast with weights packed once
@@ -76,10 +69,7 @@ def generate_command(args: argparse.Namespace) -> int:
         from minhub.fast import compile_decode
 
         compile_decode(model)
-    generator = None
-    if args.seed is not None:
-        generator = torch.Generator(device=model.transformer.wte.weight.device).manual_seed(args.seed)
-    eos = None if args.ignore_eos else model.config.eos_token_id
+    generator = None if args.seed is None else torch.Generator(device=device).manual_seed(args.seed)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     try:
@@ -91,24 +81,6 @@ def generate_command(args: argparse.Namespace) -> int:
         print(f"\nminhub: {e}", file=sys.stderr)
         return 2
     sys.stdout.write("\n")
-    return 0
-
-
-def _generate_gpt4(args: argparse.Namespace, dtype) -> int:
-    """A GPT4-style run directory: sample with its top-k / top-p filter, then print the text."""
-    import torch
-
-    from minhub.gpt2 import tokenizer_from_pretrained
-    from minhub.gpt4 import GPT4
-
-    model = GPT4.from_pretrained(args.model, args.revision, dtype=dtype, device=args.device)
-    tokenizer = tokenizer_from_pretrained(args.model)
-    ids = tokenizer.encode(args.prompt).ids or [0]
-    generator = None if args.seed is None else torch.Generator(device=args.device).manual_seed(args.seed)
-    name, kwargs = ("top_p", {"thres": args.top_p}) if args.top_p else ("top_k", {"k": args.top_k or None})
-    new = model.generate(torch.tensor([ids], device=args.device), args.max_new_tokens, temperature=args.temperature,
-                         filter_logits_fn=name, filter_kwargs=kwargs, generator=generator)
-    print(args.prompt + tokenizer.decode(new[0].tolist()))
     return 0
 
 
@@ -165,8 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minhub", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    gen = commands.add_parser("generate", help="continue a prompt with a GPT-2 checkpoint, streaming the text")
-    gen.add_argument("model", help="hub repo id (gpt2, gpt2-medium, distilgpt2, org/name) or a local directory")
+    gen = commands.add_parser("generate", help="continue a prompt with a GPT-2 checkpoint or a GPT4-style run, "
+                                               "streaming the text")
+    gen.add_argument("model", help="hub repo id (gpt2, gpt2-medium, distilgpt2, org/name) or a local directory "
+                                   "(GPT-2, or a GPT4-style run of minhub train)")
     gen.add_argument("prompt", help="text to continue ('' starts from <|endoftext|>)")
     gen.add_argument("--max-new-tokens", type=int, default=40)
     gen.add_argument("--temperature", type=float, default=1.0, help="0 is greedy decoding (default 1.0)")

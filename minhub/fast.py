@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from minhub import hardware
+from minhub import generation, hardware
+from minhub.gpt2 import GPT2
 
 
 class PackedLinear(nn.Module):
@@ -86,9 +87,7 @@ def _replace_linears(model: nn.Module, convert, dtype: torch.dtype) -> nn.Module
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
                     setattr(parent, name, convert(child))
-        model.to(dtype)
-    if hasattr(model, "clear_cache"):
-        model.clear_cache()  # a KV cache of the old dtype
+        model.to(dtype)  # a KV cache already set up changes with it (its tensors are buffers)
     return model
 
 
@@ -131,9 +130,9 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     return _replace_linears(model, Int8Linear, torch.bfloat16)
 
 
-def compile_decode(model: nn.Module) -> nn.Module:
-    """Replace `model.decode_step` (the one-token step `generate` runs against the KV cache) by a compiled version;
-    return the model. Prefill, scoring and training keep the eager forward.
+def compile_decode(model: GPT2) -> GPT2:
+    """Make minhub's generation engine run a compiled version of `model`'s one-token decode step (through
+    generation.use_decode_step); return the model. Prefill, scoring and training keep the eager forward.
 
     Compilation happens lazily at the first decode step, once per kind of call (one row or several, with or without
     attention_mask): about 40 s the first time on a 2-core CPU, a few seconds when inductor's on-disk cache already
@@ -141,13 +140,14 @@ def compile_decode(model: nn.Module) -> nn.Module:
     minhub.hardware.CPUFeatureError before changing the model. Outputs equal the eager step's to float rounding. Forward
     hooks are not called inside the compiled step.
     """
-    if not hasattr(model, "decode_step"):
-        raise TypeError(f"compile_decode needs a model with a decode_step method (minhub GPT2), not {type(model).__name__}")
+    if not isinstance(model, GPT2):
+        raise TypeError(f"compile_decode is for minhub GPT2 models, not {type(model).__name__}")
     if any(isinstance(m, PackedLinear) for m in model.modules()):
         raise ValueError("compile_decode does not combine with prepack: use one or the other")
     if any(p.device.type == "cpu" for p in model.parameters()):
         hardware.require_compiler("compile_decode")
     model.eval()
     # dynamic=True: one graph for every cache position (and every batch size above 1), not one per position
-    model.decode_step = torch.compile(model.forward, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
+    generation.use_decode_step(model, torch.compile(model.forward, dynamic=True, fullgraph=True,
+                                                    options={"cpp_wrapper": True}))
     return model

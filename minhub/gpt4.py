@@ -1,31 +1,22 @@
-"""A "GPT4-style" decoder in one file: the `GPT4` of the zeta library, built so that it runs and matches x-transformers.
+"""A "GPT4-style" decoder in one file: zeta's `GPT4`, built so that it runs and matches x-transformers 2.31.10.
 
 zeta's `GPT4` wraps an x-transformers Decoder (ALiBi on some heads, xPos rotary, multi-query attention, QK-norm,
-fused attention) in an AutoregressiveWrapper. zeta's own copy cannot run: its forward feeds logits back in as token
-ids, generate() raises, `dim_head` is silently dropped (heads are built 64 wide) and, with flash on, the QK-norm
-temperature is inverted. This file implements the architecture as x-transformers 2.31.10 computes it (the tests
-compare logits, losses and greedy tokens with it), honours `dim_head`, and adds a working KV cache.
+fused attention) in an AutoregressiveWrapper; zeta's own copy cannot run (its forward feeds logits back in as token
+ids, generate() raises, dim_head is dropped, the flash QK-norm temperature is inverted). This file computes what
+x-transformers computes (the tests compare logits, losses and greedy tokens), honours dim_head, and has a KV cache.
 
-Reading order: `GPT4Config` -> position helpers (ALiBi slopes, rotary + xPos tables) -> `KVCache` -> `Attention` ->
-`FeedForward` -> `Block` -> `Transformer` -> sampling filters -> `AutoregressiveWrapper` (loss, generate) -> `GPT4`
-(the public class, with save_pretrained / from_pretrained) -> `from_x_transformers_state_dict`.
+Reading order: `GPT4Config` -> position helpers -> `KVCache` -> `Attention` -> `FeedForward` -> `Block` ->
+`Transformer` -> sampling filters -> `AutoregressiveWrapper` (loss, generate) -> `GPT4` (save / load).
 
-The math, per option (b batch, T queries, L keys, H heads, d dim_head, r = d // 2 rotary channels):
-- Block: pre-norm, x += Attn(LN(x)); x += FF(LN(x)); a final LN; LayerNorms have a gain and no bias.
-  FF is Linear(D, 4D) -> exact GELU -> Linear(4D, D), with biases. Embedding and logits head are untied, bias-free.
-- attn_one_kv_head: one key/value head shared by all H query heads (multi-query attention); the cache stores one.
-- qk_norm: q and k are L2-normalised over d. With attn_qk_norm_dim_scale they are then multiplied by learned
-  per-head, per-channel gains (initialised to d ** 0.25) and scores use the usual 1/sqrt(d); without it, scores
-  use a fixed temperature of 10 (cosine-similarity attention).
-- rotary_xpos: rotary embedding on the first r channels of every head, channels paired as (0,1), (2,3), ...;
-  xPos multiplies queries by zeta ** ((n - c) / 512) and keys by its inverse, zeta_i = (2i + 0.4 r) / (1.4 r), so a
-  score decays with the distance m - n whatever the centre c.
-- alibi_pos_bias: score bias -slope_h * |i - j| on the first alibi_num_heads heads, none on the others, so some
-  heads stay local and the rest can attend far.
-- attn_flash: F.scaled_dot_product_attention; otherwise the same math written out (softmax(q k^T * scale + bias) v).
-
-This file imports only torch and the standard library at module level (safetensors and huggingface_hub are
-imported inside save_pretrained / from_pretrained), so it can be copied alone into another project.
+The math (T queries, L keys, H heads, d dim_head, r = d // 2 rotary channels):
+- Block: x += Attn(LN(x)); x += FF(LN(x)); LayerNorms without bias; FF = Linear(D, 4D), exact GELU, Linear(4D, D).
+- attn_one_kv_head: one key/value head shared by all H query heads (multi-query attention).
+- qk_norm: q and k L2-normalised over d, then times learned per-channel gains (init d ** 0.25) with the usual
+  1/sqrt(d) scale (attn_qk_norm_dim_scale), or with a fixed temperature of 10 without gains.
+- rotary_xpos: rotary embedding on the first r channels, pairs (0,1), (2,3), ...; xPos multiplies queries by
+  zeta ** ((n - c) / 512) and keys by its inverse, zeta_i = (2i + 0.4 r) / (1.4 r): scores decay with distance.
+- alibi_pos_bias: score bias -slope_h * |i - j| on the first alibi_num_heads heads only.
+Only torch and the standard library are imported at module level: the file works copied alone.
 """
 
 from __future__ import annotations
@@ -74,6 +65,13 @@ class GPT4Config:
         if self.rotary_xpos and self.dim_head < 2:
             raise ValueError("rotary embeddings need dim_head >= 2")
 
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> GPT4Config:
+        """From config.json as save_pretrained writes it."""
+        if config.get("model_type") != "minhub-gpt4":
+            raise ValueError(f"config.json describes a {config.get('model_type')!r} model, not minhub-gpt4")
+        return cls(**{k: v for k, v in config.items() if k in {f.name for f in fields(cls)}})
+
     @property
     def use_qk_norm(self) -> bool:
         return self.qk_norm and self.attn_qk_norm
@@ -85,10 +83,6 @@ class GPT4Config:
     @property
     def use_abs_pos(self) -> bool:
         return self.use_abs_pos_emb and not (self.alibi_pos_bias or self.rotary_xpos)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Position helpers: ALiBi slopes, rotary + xPos tables
 
 
 def alibi_slopes(n: int) -> list[float]:
@@ -284,19 +278,15 @@ class Transformer(nn.Module):
                                           w.device)
         self.cache_len = max_len
 
-    def clear_cache(self) -> None:
-        for block in self.layers:
-            block.attn.kv_cache = None
-        self.cache_len = 0
-
     def forward(self, tokens: torch.Tensor, cache_pos: int | None = None, *, only_last: bool = False) -> torch.Tensor:
         """Logits (B, T, num_tokens). cache_pos: None for a full forward; an int writes this chunk's keys and values
         into the KV cache at slots [cache_pos, cache_pos + T) and attends to every slot before them."""
         B, T = tokens.shape
         start = cache_pos or 0
-        if cache_pos is None:
-            check_tokens(tokens, self.config)
-        elif start + T > self.cache_len:
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"positions [{start}, {start + T}) exceed max_seq_len={self.config.max_seq_len}: keep the "
+                             f"last {self.config.max_seq_len} tokens, or use generate(), which slides")
+        if cache_pos is not None and start + T > self.cache_len:
             raise ValueError(f"the KV cache holds {self.cache_len} slots but slots [{start}, {start + T}) were asked "
                              "for: call setup_cache() with a larger max_len (at most max_seq_len)")
         x = self.token_emb(tokens)  # (B, T, D)
@@ -329,28 +319,12 @@ class Transformer(nn.Module):
         return bias.masked_fill(~visible, float("-inf"))
 
 
-def check_tokens(tokens: torch.Tensor, config: GPT4Config) -> None:
-    """Raise a readable error for token ids the model cannot take."""
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int):
-        raise TypeError("tokens must be an integer tensor of shape (batch, sequence)")
-    if tokens.size(1) > config.max_seq_len:
-        raise ValueError(f"{tokens.size(1)} tokens exceed max_seq_len={config.max_seq_len}: keep the last "
-                         f"{config.max_seq_len} (tokens[:, -{config.max_seq_len}:]) or use generate(), which slides")
-    if tokens.numel() and not tokens.is_meta and (tokens.min() < 0 or tokens.max() >= config.num_tokens):
-        bad = tokens[(tokens < 0) | (tokens >= config.num_tokens)].unique().tolist()
-        raise ValueError(f"token ids {bad[:10]} are outside the vocabulary [0, {config.num_tokens})")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Sampling filters (x-transformers' semantics): logits (B, V) -> logits with the excluded tokens at -inf
+# Sampling filters with x-transformers' semantics: logits (B, V) -> logits with the excluded tokens at -inf
 
 
 def top_k(logits: torch.Tensor, frac_num_tokens: float = 0.1, k: int | None = None) -> torch.Tensor:
     """Keep the k largest logits; k defaults to ceil(frac_num_tokens * vocabulary)."""
-    if k is None:
-        if not 0 < frac_num_tokens <= 1:
-            raise ValueError(f"frac_num_tokens must be in (0, 1], got {frac_num_tokens}")
-        k = math.ceil(frac_num_tokens * logits.size(-1))
+    k = math.ceil(frac_num_tokens * logits.size(-1)) if k is None else k
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     values, indices = torch.topk(logits, min(k, logits.size(-1)))
@@ -386,18 +360,12 @@ def min_p(logits: torch.Tensor, min_p: float = 0.1) -> torch.Tensor:
 FILTERS: dict[str, Callable[..., torch.Tensor]] = {"top_k": top_k, "top_p": top_p, "top_a": top_a, "min_p": min_p}
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Autoregressive wrapper: next-token loss and generation
-
-
 class AutoregressiveWrapper(nn.Module):
     """x-transformers' AutoregressiveWrapper: `wrapper(tokens)` is the next-token cross-entropy loss."""
 
     def __init__(self, net: Transformer, ignore_index: int = -100, pad_value: int = 0) -> None:
         super().__init__()
-        self.net = net
-        self.ignore_index = ignore_index
-        self.pad_value = pad_value
+        self.net, self.ignore_index, self.pad_value = net, ignore_index, pad_value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of predicting x[:, 1:] from x[:, :-1]; targets equal to ignore_index don't count."""
@@ -407,95 +375,47 @@ class AutoregressiveWrapper(nn.Module):
         return F.cross_entropy(logits.transpose(1, 2), target, ignore_index=self.ignore_index)
 
     @torch.inference_mode()
-    def generate(
-        self,
-        prompts: torch.Tensor,
-        seq_len: int,
-        *,
-        eos_token: int | None = None,
-        temperature: float = 1.0,
-        filter_logits_fn: str | Callable = "top_k",
-        filter_kwargs: dict | None = None,
-        cache_kv: bool = True,
-        window_shift: int = 1,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Sample up to seq_len new tokens after each prompt; return only the new tokens, (B, seq_len).
+    def generate(self, prompts: torch.Tensor, seq_len: int, *, eos_token: int | None = None, temperature: float = 1.0,
+                 filter_logits_fn: str | Callable = "top_k", filter_kwargs: dict | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample up to seq_len new tokens after each prompt (B, T); return only the new tokens, (B, seq_len).
 
-        The filter (by name, or a callable) is applied to the logits before dividing by temperature; temperature 0
-        is greedy. A row that samples eos_token is finished and padded with pad_value after it; generation stops
-        early once every row has finished (so fewer than seq_len columns may come back, as in x-transformers).
-        Past max_seq_len the model sees the last max_seq_len tokens: with the KV cache, the cache is rebuilt from
-        the newest max_seq_len - window_shift tokens whenever it is full (window_shift=1, the default, gives exactly
-        what recomputing without a cache gives; larger values trade that for speed). A 1-D prompt gives a 1-D result.
+        As x-transformers: the filter (a name in FILTERS, or a callable) is applied before dividing by temperature (0
+        is greedy); a row that samples eos_token is padded with pad_value after it, and generation stops once every
+        row has. Past max_seq_len each token sees the last max_seq_len tokens (the cache is rebuilt, exactly as a
+        recompute). A 1-D prompt gives a 1-D result. minhub.generate adds padded batches, streaming, a faster
+        sliding window and argument checks.
         """
-        net, config = self.net, self.net.config
-        squeeze = isinstance(prompts, torch.Tensor) and prompts.dim() == 1
-        if squeeze:
-            prompts = prompts[None]
-        check_tokens(prompts[:, -config.max_seq_len:], config)
-        if prompts.size(1) == 0:
-            raise ValueError("the prompt is empty: give at least one token")
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
-            raise ValueError(f"seq_len must be an integer >= 0, got {seq_len!r}")
-        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        if isinstance(filter_logits_fn, str) and filter_logits_fn not in FILTERS:
+            raise ValueError(f"filter_logits_fn={filter_logits_fn!r} is unknown: use one of {sorted(FILTERS)}")
+        if not math.isfinite(temperature) or temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
-        if isinstance(filter_logits_fn, str):
-            if filter_logits_fn not in FILTERS:
-                raise ValueError(f"filter_logits_fn={filter_logits_fn!r} is unknown: use one of {sorted(FILTERS)} "
-                                 "or a callable")
-            filter_logits_fn = FILTERS[filter_logits_fn]
-        if not 1 <= window_shift < config.max_seq_len:
-            raise ValueError(f"window_shift must be in [1, max_seq_len={config.max_seq_len}), got {window_shift}")
-        filter_kwargs = filter_kwargs or {}
-
-        def sample(logits: torch.Tensor) -> torch.Tensor:  # (B, V) -> (B,)
-            if temperature == 0:
-                return logits.argmax(dim=-1)
-            probs = (filter_logits_fn(logits.float(), **filter_kwargs) / temperature).softmax(dim=-1)
-            return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-        B, n_ctx = prompts.size(0), config.max_seq_len
-        out = torch.empty(B, seq_len, dtype=torch.long, device=prompts.device)
-        if cache_kv:
-            window = torch.empty(B, n_ctx, dtype=torch.long, device=prompts.device)
-            n = min(prompts.size(1), n_ctx)
-            window[:, :n] = prompts[:, -n:]
-            net.setup_cache(B, n_ctx)
-            logits = net(window[:, :n], 0, only_last=True)[:, -1]
-        else:
-            history = prompts
-            logits = net(history[:, -n_ctx:], only_last=True)[:, -1]
-        finished = torch.zeros(B, dtype=torch.bool, device=prompts.device)
-        steps = seq_len
+        filter_fn = FILTERS.get(filter_logits_fn, filter_logits_fn)
+        net, n_ctx = self.net, self.net.config.max_seq_len
+        window = (prompts[None] if prompts.dim() == 1 else prompts)[:, -n_ctx:]
+        net.setup_cache(window.size(0))
+        logits = net(window, 0, only_last=True)[:, -1]  # (B, V)
+        new, finished = [], torch.zeros(window.size(0), dtype=torch.bool, device=window.device)
         for step in range(seq_len):
-            token = sample(logits)
+            if temperature == 0:
+                token = logits.argmax(dim=-1)
+            else:
+                probs = (filter_fn(logits.float(), **(filter_kwargs or {})) / temperature).softmax(dim=-1)
+                token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
             if eos_token is not None:
                 token = torch.where(finished, self.pad_value, token)
                 finished |= token == eos_token
-            out[:, step] = token
-            if step == seq_len - 1 or (eos_token is not None and bool(finished.all())):
-                steps = step + 1
+            new.append(token)
+            if step == seq_len - 1 or bool(finished.all()):
                 break
-            if not cache_kv:
-                history = torch.cat((history, token[:, None]), dim=1)
-                logits = net(history[:, -n_ctx:], only_last=True)[:, -1]
-            elif n == n_ctx:  # window full: drop the oldest window_shift tokens and rebuild the cache
-                keep = n_ctx - window_shift
-                window[:, :keep] = window[:, n - keep:n].clone()
-                window[:, keep] = token
-                n = keep + 1
-                logits = net(window[:, :n], 0, only_last=True)[:, -1]
-            else:
-                window[:, n] = token
-                logits = net(token[:, None], n)[:, -1]
-                n += 1
-        out = out[:, :steps]
-        return out[0] if squeeze else out
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The public class
+            window = torch.cat((window, token[:, None]), dim=1)
+            if window.size(1) <= n_ctx:
+                logits = net(token[:, None], window.size(1) - 1)[:, -1]
+            else:  # the oldest token leaves the window: positions shift, so the cache is rebuilt
+                window = window[:, 1:]
+                logits = net(window, 0, only_last=True)[:, -1]
+        out = torch.stack(new, dim=1) if new else window.new_empty(window.size(0), 0)
+        return out[0] if prompts.dim() == 1 else out
 
 
 class GPT4(nn.Module):
@@ -505,9 +425,8 @@ class GPT4(nn.Module):
     def __init__(self, config: GPT4Config | None = None, **kwargs: Any) -> None:
         super().__init__()
         known = {f.name for f in fields(GPT4Config)}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise TypeError(f"GPT4() got unknown keyword arguments {unknown}; it takes {sorted(known)}")
+        if set(kwargs) - known:
+            raise TypeError(f"GPT4() got unknown keyword arguments {sorted(set(kwargs) - known)}; it takes {sorted(known)}")
         if config is not None and kwargs:
             raise TypeError("give either a GPT4Config or keyword arguments, not both")
         self.config = config or GPT4Config(**kwargs)
@@ -519,12 +438,8 @@ class GPT4(nn.Module):
         """Logits (B, T, num_tokens) for token ids (B, T)."""
         return self.decoder.net(tokens)
 
-    def generate(self, prompts: torch.Tensor, seq_len: int, **kwargs: Any) -> torch.Tensor:
-        """See AutoregressiveWrapper.generate."""
+    def generate(self, prompts: torch.Tensor, seq_len: int, **kwargs: Any) -> torch.Tensor:  # see the wrapper's
         return self.decoder.generate(prompts, seq_len, **kwargs)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json and model.safetensors to `directory` (position tables are not stored)."""
@@ -534,125 +449,32 @@ class GPT4(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         state = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
         save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-        config = {"model_type": "minhub-gpt4", "architectures": ["GPT4"], **asdict(self.config)}
+        config = {"model_type": "minhub-gpt4", "architectures": ["GPT4"], **asdict(self.config)}  # for from_dict
         (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(
-        cls,
-        identifier: str | os.PathLike,
-        revision: str | None = None,
-        *,
-        dtype: torch.dtype | None = None,
-        device: str | torch.device | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        local_files_only: bool = False,
-        token: str | bool | None = None,
-    ) -> GPT4:
-        """Load what save_pretrained wrote, from a directory or a hub repo id (config and weights from one commit)."""
-        from safetensors import SafetensorError, safe_open
+    def from_pretrained(cls, identifier: str | os.PathLike, revision: str | None = None, *,
+                        dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> GPT4:
+        """Load what save_pretrained wrote, from a directory or a hub repo (both files from one commit).
+        minhub.gpt4_from_pretrained (minhub/hub.py) adds typed errors naming every misfit, offline hints and a
+        device check."""
+        from safetensors.torch import load_file
 
-        directory = _snapshot(identifier, revision, cache_dir=cache_dir, local_files_only=local_files_only,
-                              token=token)
-        config_path, weights_path = directory / "config.json", directory / "model.safetensors"
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"{identifier} has no {path.name}: is it a directory written by "
-                                        "GPT4.save_pretrained (or minhub train --model gpt4)?")
-        config_dict = json.loads(config_path.read_text())
-        if config_dict.get("model_type") != "minhub-gpt4":
-            raise ValueError(f"{config_path} describes a {config_dict.get('model_type')!r} model, not minhub-gpt4")
-        known = {f.name for f in fields(GPT4Config)}
-        config = GPT4Config(**{k: v for k, v in config_dict.items() if k in known})
-        with torch.device("meta"):
+        directory = Path(identifier).expanduser()
+        if not directory.is_dir():
+            from huggingface_hub import snapshot_download
+
+            directory = Path(snapshot_download(str(identifier), revision=revision,
+                                               allow_patterns=["config.json", "model.safetensors"]))
+        config = GPT4Config.from_dict(json.loads((directory / "config.json").read_text()))
+        return cls.from_state_dict(config, load_file(directory / "model.safetensors")).to(
+            device=device, dtype=dtype or torch.float32).eval()
+
+    @classmethod
+    def from_state_dict(cls, config: GPT4Config, state_dict: dict[str, torch.Tensor]) -> GPT4:
+        """A GPT4 holding these tensors (no copies)."""
+        with torch.device("meta"):  # no memory for random weights about to be replaced
             model = cls(config)
-        try:
-            with safe_open(str(weights_path), framework="pt") as f:
-                state = {name: f.get_tensor(name) for name in f.keys()}
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{weights_path} is not a readable safetensors file ({e}): it is corrupt or "
-                             "truncated; write or download it again") from e
-        expected = set(model.state_dict())
-        missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
-        misshaped = sorted(f"{n} {tuple(state[n].shape)} (expected {tuple(p.shape)})"
-                           for n, p in model.state_dict().items() if n in state and state[n].shape != p.shape)
-        if missing or unexpected or misshaped:
-            raise ValueError(f"{weights_path} does not fit the config: missing {missing}, unexpected {unexpected}, "
-                             f"wrongly shaped {misshaped}")
-        model.load_state_dict(state, strict=True, assign=True)
+        model.load_state_dict(state_dict, strict=True, assign=True)
         model.decoder.net.build_position_tables()  # the meta-device ones hold no values
-        return model.to(device=device, dtype=dtype or torch.float32).eval()
-
-
-def _snapshot(identifier, revision, *, cache_dir, local_files_only, token) -> Path:
-    """The directory holding the checkpoint: `identifier` itself, or one commit of a hub repo."""
-    path = Path(identifier).expanduser()
-    if path.is_dir():
-        return path
-    from huggingface_hub import errors, snapshot_download
-
-    try:
-        return Path(snapshot_download(str(identifier), revision=revision, cache_dir=cache_dir, token=token,
-                                      local_files_only=local_files_only,
-                                      allow_patterns=["config.json", "model.safetensors"]))
-    except errors.RepositoryNotFoundError as e:
-        raise FileNotFoundError(f"no repository {identifier!r} on the hub (for a private one, pass token=...)") from e
-    except errors.RevisionNotFoundError as e:
-        raise FileNotFoundError(f"{identifier} has no revision {revision!r}") from e
-    except errors.HFValidationError as e:
-        raise FileNotFoundError(f"{identifier!r} is neither a directory nor a valid hub repo id") from e
-    except errors.LocalEntryNotFoundError as e:
-        raise FileNotFoundError(f"{identifier!r} (revision {revision or 'main'}) is not in the Hugging Face cache "
-                                "and the hub cannot be reached (offline): run once with network access, or pass a "
-                                "local directory") from e
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Converting x-transformers checkpoints
-
-
-def from_x_transformers_state_dict(
-    state_dict: dict[str, torch.Tensor], norm_unit_offset: bool = True
-) -> dict[str, torch.Tensor]:
-    """Map the state dict of an x-transformers `TransformerWrapper(..., attn_layers=Decoder(...))` built with the
-    GPT4 options onto GPT4's names.
-
-    x-transformers numbers attention and feed-forward layers alternately (layers.2i is block i's attention,
-    layers.2i+1 its feed-forward); its rotary tables are dropped (recomputed). Its LayerNorms store `gamma` with a
-    unit offset (gain = gamma + 1, `norm_add_unit_offset=True`, the default); pass norm_unit_offset=False for a
-    Decoder built with norm_add_unit_offset=False.
-    """
-    offset = 1.0 if norm_unit_offset else 0.0
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in state_dict.items():
-        if name.startswith("attn_layers.rotary_pos_emb.") or name.startswith("attn_layers.rel_pos."):
-            continue
-        parts = name.split(".")
-        if name == "token_emb.emb.weight":
-            new = "decoder.net.token_emb.weight"
-        elif name == "pos_emb.emb.weight":
-            new = "decoder.net.pos_emb.weight"
-        elif name == "to_logits.weight":
-            new = "decoder.net.to_logits.weight"
-        elif name == "attn_layers.final_norm.gamma":
-            new = "decoder.net.final_norm.weight"
-        elif parts[:2] == ["attn_layers", "layers"]:
-            index, rest = int(parts[2]), ".".join(parts[3:])
-            block, is_attn = index // 2, index % 2 == 0
-            prefix = f"decoder.net.layers.{block}."
-            renames = {
-                "0.0.gamma": "attn_norm.weight" if is_attn else "ff_norm.weight",
-                "1.qk_norm_q_scale": "attn.q_scale", "1.qk_norm_k_scale": "attn.k_scale",
-                "1.to_q.weight": "attn.to_q.weight", "1.to_k.weight": "attn.to_k.weight",
-                "1.to_v.weight": "attn.to_v.weight", "1.to_out.weight": "attn.to_out.weight",
-                "1.ff.0.0.weight": "ff.proj_in.weight", "1.ff.0.0.bias": "ff.proj_in.bias",
-                "1.ff.2.weight": "ff.proj_out.weight", "1.ff.2.bias": "ff.proj_out.bias",
-            }
-            if rest not in renames:
-                raise KeyError(f"{name}: not part of the GPT4 architecture (was the x-transformers model built with "
-                               "other options?)")
-            new = prefix + renames[rest]
-        else:
-            raise KeyError(f"{name}: not part of the GPT4 architecture")
-        out[new] = tensor + offset if name.endswith(".gamma") else tensor
-    return out
+        return model

@@ -96,7 +96,7 @@ def load_tokenizer(spec: str, data: Path, chunk_chars: int):
     """'char': built from the characters of `data`; 'gpt2': GPT-2's BPE; else a tokenizer.json, a directory or a repo."""
     from tokenizers import Tokenizer
 
-    from minhub.gpt2 import tokenizer_from_pretrained
+    from minhub.tokenizer import tokenizer_from_pretrained
 
     if spec == "char":
         chars: set[str] = set()
@@ -287,7 +287,9 @@ def save_checkpoint(out: Path, model: nn.Module, optimizer, scaler, step: int, b
     resume: if a crash falls between the two, --resume continues from the previous, complete state."""
     tmp = out / ".tmp-checkpoint"
     tmp.mkdir(exist_ok=True)
-    model.save_pretrained(tmp)
+    from minhub.hub import save_pretrained
+
+    save_pretrained(model, tmp)
     for name in ("model.safetensors", "config.json"):
         os.replace(tmp / name, out / name)
     state = {

@@ -149,3 +149,50 @@ def hub_checkpoint(repo_id: str, model, layout: str = "save_pretrained", *, toke
 def hf_logits(model, idx: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(idx).logits
+
+
+def from_x_transformers_state_dict(
+    state_dict: dict[str, torch.Tensor], norm_unit_offset: bool = True
+) -> dict[str, torch.Tensor]:
+    """Map the state dict of an x-transformers `TransformerWrapper(..., attn_layers=Decoder(...))` built with the
+    GPT4 options onto GPT4's names.
+
+    x-transformers numbers attention and feed-forward layers alternately (layers.2i is block i's attention,
+    layers.2i+1 its feed-forward); its rotary tables are dropped (recomputed). Its LayerNorms store `gamma` with a
+    unit offset (gain = gamma + 1, `norm_add_unit_offset=True`, the default); pass norm_unit_offset=False for a
+    Decoder built with norm_add_unit_offset=False.
+    """
+    offset = 1.0 if norm_unit_offset else 0.0
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state_dict.items():
+        if name.startswith("attn_layers.rotary_pos_emb.") or name.startswith("attn_layers.rel_pos."):
+            continue
+        parts = name.split(".")
+        if name == "token_emb.emb.weight":
+            new = "decoder.net.token_emb.weight"
+        elif name == "pos_emb.emb.weight":
+            new = "decoder.net.pos_emb.weight"
+        elif name == "to_logits.weight":
+            new = "decoder.net.to_logits.weight"
+        elif name == "attn_layers.final_norm.gamma":
+            new = "decoder.net.final_norm.weight"
+        elif parts[:2] == ["attn_layers", "layers"]:
+            index, rest = int(parts[2]), ".".join(parts[3:])
+            block, is_attn = index // 2, index % 2 == 0
+            prefix = f"decoder.net.layers.{block}."
+            renames = {
+                "0.0.gamma": "attn_norm.weight" if is_attn else "ff_norm.weight",
+                "1.qk_norm_q_scale": "attn.q_scale", "1.qk_norm_k_scale": "attn.k_scale",
+                "1.to_q.weight": "attn.to_q.weight", "1.to_k.weight": "attn.to_k.weight",
+                "1.to_v.weight": "attn.to_v.weight", "1.to_out.weight": "attn.to_out.weight",
+                "1.ff.0.0.weight": "ff.proj_in.weight", "1.ff.0.0.bias": "ff.proj_in.bias",
+                "1.ff.2.weight": "ff.proj_out.weight", "1.ff.2.bias": "ff.proj_out.bias",
+            }
+            if rest not in renames:
+                raise KeyError(f"{name}: not part of the GPT4 architecture (was the x-transformers model built with "
+                               "other options?)")
+            new = prefix + renames[rest]
+        else:
+            raise KeyError(f"{name}: not part of the GPT4 architecture")
+        out[new] = tensor + offset if name.endswith(".gamma") else tensor
+    return out

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import hf_gpt2, save_checkpoint
 
-from minhub import generate, gpt2_from_pretrained, hardware, pad_left
+from minhub import generate, generation, gpt2_from_pretrained, hardware, pad_left
 from minhub.fast import Int8Linear, PackedLinear, compile_decode, prepack, quantize_int8
 
 CPU = hardware.cpu_info()
@@ -75,10 +75,13 @@ def test_compiled_decode_step_equals_the_eager_one(checkpoint):
     with torch.inference_mode():
         idx = torch.randint(0, 101, (1, 6))
         for model in (eager, compiled):
-            model.setup_cache(1, 40)
+            model.setup_cache(1, 41)  # as the engine does: the window (40) and one spare slot
             model(idx, 0)
         token = torch.tensor([[7]])
-        assert (compiled.decode_step(token, 6) - eager.decode_step(token, 6)).abs().max().item() <= 1e-4  # compiles
+        step = generation.decode_step(compiled)
+        assert step is not compiled  # the engine runs the compiled step for this model, the forward for others
+        assert generation.decode_step(eager) is eager
+        assert (step(token, 6) - eager(token, 6)).abs().max().item() <= 1e-4  # compiles
         # 60 new tokens with n_positions=40: every cache slot including the last, then the sliding window; one graph
         # serves every position (the KV cache's spare slot keeps the last one from recompiling)
         with torch._dynamo.config.patch(error_on_recompile=True):
@@ -106,13 +109,13 @@ def test_without_a_compiler_compile_decode_refuses_before_touching_the_model(che
     fake_cpu(monkeypatch, python_headers=False)
     with pytest.raises(hardware.CPUFeatureError, match="Python's C headers"):
         compile_decode(model)
-    assert "decode_step" not in vars(model)  # still the eager method
+    assert generation.decode_step(model) is model  # the engine still runs the eager forward
 
 
 def test_compile_decode_refuses_what_it_cannot_do(checkpoint):
     with pytest.raises(ValueError, match="does not combine with prepack"):
         compile_decode(prepack(gpt2_from_pretrained(checkpoint), torch.float32))
-    with pytest.raises(TypeError, match="needs a model with a decode_step"):
+    with pytest.raises(TypeError, match="compile_decode is for minhub GPT2 models"):
         compile_decode(torch.nn.Linear(2, 2))
 
 
@@ -155,7 +158,7 @@ def test_compiled_int8_decode_step_stays_with_the_eager_one(checkpoint):
     idx, token = torch.randint(0, 101, (1, 6)), torch.tensor([[7]])
     with torch.inference_mode():
         for model in (eager, compiled):
-            model.setup_cache(1, 40)
+            model.setup_cache(1, 41)
             model(idx, 0)
-        ref, ours = eager.decode_step(token, 6).float(), compiled.decode_step(token, 6).float()
+        ref, ours = eager(token, 6).float(), generation.decode_step(compiled)(token, 6).float()
     assert (ours - ref).abs().max().item() <= 0.02 * ref.abs().max().item()  # bf16 rounding, fused differently

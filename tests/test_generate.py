@@ -143,7 +143,7 @@ def test_generation_past_the_context_window_slides_it(pair, shift):
     expected = _reference_sliding_greedy(ref, prompt, 110, n_ctx, shift)
     assert ours[0].tolist() == expected
     cache = model.transformer.h[0].attn.kv_cache
-    assert cache.max_len == n_ctx and cache.k.shape[2] == n_ctx + 1  # never grows past the window (+ the spare slot)
+    assert cache.max_len == n_ctx + 1  # never grows past the window (+ the engine's spare slot)
 
 
 def test_by_default_generation_past_the_window_sees_exactly_the_last_n_positions_tokens(pair):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from minhub import hardware
+from minhub import gpt2_from_pretrained, hardware
 from minhub.train import TrainConfig, TrainError, train
 
 
@@ -54,3 +54,11 @@ def test_train_compile_without_a_compiler_is_a_train_error(tmp_path, monkeypatch
     with pytest.raises(TrainError, match="--compile needs a C\\+\\+ compiler"):
         train(TrainConfig(data=str(data), out=str(tmp_path / "run"), device="cpu", compile=True))
     assert not (tmp_path / "run").exists()
+def test_the_loaders_refuse_a_missing_device_before_reading_weights(tmp_path):
+    from minhub import gpt4_from_pretrained
+
+    for load in (gpt2_from_pretrained, gpt4_from_pretrained):  # no such path either: the device is checked first
+        with pytest.raises(hardware.DeviceError, match="cuda:99"):
+            load(tmp_path / "does-not-matter", device="cuda:99")
+
+

@@ -22,7 +22,8 @@ def test_real_gpt2_matches_transformers():
         from minhub import generate, gpt2_from_pretrained, tokenizer_from_pretrained
         model = gpt2_from_pretrained("gpt2")
         tok = tokenizer_from_pretrained("gpt2", model.commit_hash)
-        assert model.num_parameters() == 124_439_808, model.num_parameters()
+        n_parameters = sum(p.numel() for p in model.parameters())  # the tied lm_head once
+        assert n_parameters == 124_439_808, n_parameters
         assert tok.encode("Hello world ").ids == [15496, 995, 220]
         ref = GPT2LMHeadModel.from_pretrained("gpt2", revision=model.commit_hash).eval()
         idx = torch.tensor([tok.encode("The meaning of life is").ids])

@@ -1,0 +1,39 @@
+"""Tokenizers of hub checkpoints, as `tokenizers.Tokenizer` objects (fast, Rust): a repo's tokenizer.json, or GPT-2's
+byte-level BPE built from vocab.json + merges.txt."""
+
+from __future__ import annotations
+
+import os
+
+from minhub.hub import CheckpointFiles, MissingFileError
+
+
+def tokenizer_from_pretrained(
+    identifier: str | os.PathLike = "gpt2",
+    revision: str | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+    force_download: bool = False,
+):
+    """The checkpoint's tokenizer as a `tokenizers.Tokenizer`: its tokenizer.json, or else GPT-2's byte-level BPE
+    built from vocab.json + merges.txt with <|endoftext|> as a special token. Arguments as `gpt2_from_pretrained`."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    files = CheckpointFiles(identifier, revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
+                            force_download=force_download)
+    path = files.get("tokenizer.json")
+    if path is not None:
+        return Tokenizer.from_file(str(path))
+    vocab = files.get("vocab.json")
+    merges = files.get("merges.txt")
+    if vocab is None or merges is None:
+        raise MissingFileError(f"{files} has no tokenizer: looked for tokenizer.json, or vocab.json with merges.txt"
+                               f"{files.offline_hint()}")
+    tokenizer = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
+    return tokenizer
