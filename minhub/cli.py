@@ -25,6 +25,9 @@ def _check_generate_args(args: argparse.Namespace) -> None:
                          "--int8): drop one of the two")
     if args.compile and device.type == "cpu":
         hardware.require_compiler("--compile")
+    if args.dtype == "bfloat16" and device.type == "cpu":  # unpacked bf16 decodes ~6x slower than fp32 on AVX2
+        hardware.require_onednn_bf16("--dtype bfloat16 on the CPU",
+                                     instead="use --int8 (a quarter of the bytes, runs on every CPU) or float32")
 
 
 def generate_command(args: argparse.Namespace) -> int:
@@ -57,7 +60,7 @@ def generate_command(args: argparse.Namespace) -> int:
               "do not belong together", file=sys.stderr)
         return 2
     device = next(model.parameters()).device
-    if args.dtype == "bfloat16" and device.type == "cpu" and hardware.cpu_info().onednn_bf16:
+    if args.dtype == "bfloat16" and device.type == "cpu":
         from minhub.fast import prepack
 
         prepack(model, torch.bfloat16)  # bf16 matmuls on CPU are only fast with weights packed once
@@ -149,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="make sampling repeatable")
     gen.add_argument("--revision", default=None, help="branch, tag or commit sha on the hub")
     gen.add_argument("--dtype", choices=DTYPES, default="float32",
-                     help="bfloat16 on the CPU packs the weights for oneDNN where the CPU has AVX-512 (or "
-                          "AVX-NE-CONVERT), and runs them unpacked elsewhere")
+                     help="bfloat16 on the CPU packs the weights for oneDNN and needs AVX-512 (BW/VL/DQ) or "
+                          "AVX-NE-CONVERT; elsewhere use --int8")
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     gen.add_argument("--ignore-eos", action="store_true", help="keep going after <|endoftext|>")
     gen.add_argument("--int8", action="store_true",

@@ -171,22 +171,27 @@ def _fake_cpu(monkeypatch, **changes):
     monkeypatch.setattr(hardware, "cpu_info", lambda: fake)
 
 
-@pytest.mark.parametrize("onednn_bf16", [False, True])
-def test_cli_bfloat16_packs_where_the_cpu_can_and_runs_unpacked_elsewhere(gpt2_shaped_repo, capsys, monkeypatch,
-                                                                            onednn_bf16):
+def test_cli_bfloat16_without_onednn_bf16_is_one_line_before_any_output(gpt2_shaped_repo, capsys, monkeypatch):
+    from minhub.cli import main
+
+    _fake_cpu(monkeypatch, onednn_bf16=False, model="an AVX2-only CPU")
+    assert main(["generate", gpt2_shaped_repo, "hello", "--dtype", "bfloat16"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("minhub: --dtype bfloat16 on the CPU needs oneDNN's bf16")
+    assert "use --int8" in captured.err
+
+
+def test_cli_bfloat16_packs_the_weights(gpt2_shaped_repo, capsys):
     from minhub import hardware
     from minhub.cli import main
     from minhub.fast import prepack
 
-    if onednn_bf16 and not hardware.cpu_info().onednn_bf16:
+    if not hardware.cpu_info().onednn_bf16:
         pytest.skip(f"needs oneDNN bf16 kernels (AVX-512 BW/VL/DQ or AVX-NE-CONVERT); {hardware.cpu_info().describe()}")
-    _fake_cpu(monkeypatch, onednn_bf16=onednn_bf16)
     prompt = "The meaning of life is"
     assert main(["generate", gpt2_shaped_repo, prompt, "--dtype", "bfloat16", "--max-new-tokens", "8",
                  "--temperature", "0", "--ignore-eos"]) == 0
-    model = gpt2_from_pretrained(gpt2_shaped_repo, dtype=torch.bfloat16)
-    if onednn_bf16:
-        prepack(model, torch.bfloat16)
+    model = prepack(gpt2_from_pretrained(gpt2_shaped_repo, dtype=torch.bfloat16), torch.bfloat16)
     tokenizer = tokenizer_from_pretrained(gpt2_shaped_repo)
     idx = torch.tensor([tokenizer.encode(prompt).ids])
     out = generate(model, idx, 8, temperature=0)
