@@ -158,8 +158,9 @@ class Attention(nn.Module):
         self.qk_norm = config.use_qk_norm
         self.scale = d**-0.5
         if self.qk_norm and config.attn_qk_norm_dim_scale:
-            self.q_scale = nn.Parameter(torch.full((H, 1, d), d**0.25))  # learned gains; d^0.25 each makes
-            self.k_scale = nn.Parameter(torch.full((kv, 1, d), d**0.25))  # the initial temperature 1/sqrt(d) * sqrt(d) = 1
+            # learned gains; d^0.25 each makes the initial temperature 1/sqrt(d) * sqrt(d) = 1
+            self.q_scale = nn.Parameter(torch.full((H, 1, d), d**0.25))
+            self.k_scale = nn.Parameter(torch.full((kv, 1, d), d**0.25))
         elif self.qk_norm:
             self.q_scale = self.k_scale = None
             self.scale = 10.0  # cosine-similarity attention with a fixed temperature
@@ -425,8 +426,9 @@ class GPT4(nn.Module):
     def __init__(self, config: GPT4Config | None = None, **kwargs: Any) -> None:
         super().__init__()
         known = {f.name for f in fields(GPT4Config)}
-        if set(kwargs) - known:
-            raise TypeError(f"GPT4() got unknown keyword arguments {sorted(set(kwargs) - known)}; it takes {sorted(known)}")
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"GPT4() got unknown keyword arguments {unknown}; it takes {sorted(known)}")
         if config is not None and kwargs:
             raise TypeError("give either a GPT4Config or keyword arguments, not both")
         self.config = config or GPT4Config(**kwargs)
