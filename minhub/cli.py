@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     gen.add_argument("--ignore-eos", action="store_true", help="keep going after <|endoftext|>")
     gen.add_argument("--int8", action="store_true",
-                     help="int8 weights, bfloat16 activations, on CPU (minhub.fast.quantize_int8): fastest, least exact")
+                     help="int8 weights, bf16 activations, on CPU (minhub.fast.quantize_int8): fastest, least exact")
     gen.add_argument("--compile", action="store_true",
                      help="compile the decode step (minhub.fast.compile_decode): 10-15%% faster per token on CPU, "
                           "after a one-time compile of up to a minute")

@@ -1,10 +1,10 @@
 """Faster CPU inference, opt-in and inference-only: packing weights once, int8 weights, compiling the decode step.
 
-prepack: PyTorch's CPU matmul reorders ("packs") the weight into the kernel's blocked layout on every call when the batch is
-small, and for bfloat16 weights that repacking costs as much as the multiply. Packing each nn.Linear once with
-oneDNN removes it. Measured on a 2-core Xeon (bench/bench_gpt2.py, README table), GPT-2 124M: bf16 packed decodes 1.79x
-as fast as fp32 transformers at batch 1 and 2.52x at batch 8; fp32 packed helps batched decoding (1.51x at batch 8,
-plain fp32 1.16x) but not batch 1 (0.97x, plain 1.17x).
+prepack: PyTorch's CPU matmul reorders ("packs") the weight into the kernel's blocked layout on every call when the
+batch is small, and for bfloat16 weights that repacking costs as much as the multiply. Packing each nn.Linear once
+with oneDNN removes it. Measured on a 2-core Xeon (bench/bench_gpt2.py, README table), GPT-2 124M: bf16 packed
+decodes 1.79x as fast as fp32 transformers at batch 1 and 2.52x at batch 8; fp32 packed helps batched decoding
+(1.51x at batch 8, plain fp32 1.16x) but not batch 1 (0.97x, plain 1.17x).
 
 quantize_int8: weight-only int8 as in pytorch-labs/gpt-fast (one scale per output row, activations in bf16), a quarter
 of fp32's bytes per token through PyTorch's int8 matrix kernel: 2.14x transformers fp32 at batch 1, 2.64x compiled;

@@ -33,10 +33,12 @@ def _network(model: nn.Module) -> tuple[nn.Module, int, int]:
     raise TypeError(f"minhub generates with GPT2 and GPT4 models, not {type(model).__name__}")
 
 
-def _call(forward: Callable, tokens: torch.Tensor, cache_pos: int, attention_mask, **kwargs: Any) -> torch.Tensor:
+def _call(forward: Callable, tokens: torch.Tensor, cache_pos: int, attention_mask: torch.Tensor | None,
+          **kwargs: Any) -> torch.Tensor:
     # GPT4's network has no attention_mask argument (the engine refuses masks for it)
-    return forward(tokens, cache_pos, **kwargs) if attention_mask is None else forward(tokens, cache_pos,
-                                                                                        attention_mask, **kwargs)
+    if attention_mask is None:
+        return forward(tokens, cache_pos, **kwargs)
+    return forward(tokens, cache_pos, attention_mask, **kwargs)
 
 
 def use_decode_step(model: nn.Module, step: Callable[..., torch.Tensor]) -> None:
@@ -49,9 +51,6 @@ def decode_step(model: nn.Module) -> Callable[..., torch.Tensor]:
     """What the engine calls for one new token against the KV cache: a compiled step, or the network itself."""
     net = _network(model)[0]
     return _decode_steps.get(net, net)
-
-
-
 
 
 def check_token_ids(idx: torch.Tensor, vocab_size: int, context: int) -> None:

@@ -1,12 +1,8 @@
 """A "GPT4-style" decoder in one file: zeta's `GPT4`, built so that it runs and matches x-transformers 2.31.10.
 
-zeta's `GPT4` wraps an x-transformers Decoder (ALiBi on some heads, xPos rotary, multi-query attention, QK-norm,
-fused attention) in an AutoregressiveWrapper; zeta's own copy cannot run (its forward feeds logits back in as token
-ids, generate() raises, dim_head is dropped, the flash QK-norm temperature is inverted). This file computes what
-x-transformers computes (the tests compare logits, losses and greedy tokens), honours dim_head, and has a KV cache.
-
-Reading order: `GPT4Config` -> position helpers -> `KVCache` -> `Attention` -> `FeedForward` -> `Block` ->
-`Transformer` -> sampling filters -> `AutoregressiveWrapper` (loss, generate) -> `GPT4` (save / load).
+zeta's `GPT4` wraps an x-transformers Decoder in an AutoregressiveWrapper but cannot run (its forward feeds logits
+back in as token ids, generate() raises, dim_head is dropped, the flash QK-norm temperature is inverted). This file
+computes what x-transformers computes (the tests compare logits, losses, greedy tokens) and has a KV cache.
 
 The math (T queries, L keys, H heads, d dim_head, r = d // 2 rotary channels):
 - Block: x += Attn(LN(x)); x += FF(LN(x)); LayerNorms without bias; FF = Linear(D, 4D), exact GELU, Linear(4D, D).
@@ -24,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,9 +51,8 @@ class GPT4Config:
 
     def __post_init__(self) -> None:
         for name in ("num_tokens", "max_seq_len", "dim", "depth", "dim_head", "heads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if type(getattr(self, name)) is not int or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.alibi_pos_bias and not 0 < self.alibi_num_heads <= self.heads:
             raise ValueError(f"alibi_num_heads must be in [1, heads={self.heads}], got {self.alibi_num_heads}")
         if self.use_qk_norm and self.dim_head <= 2:
@@ -86,8 +81,8 @@ class GPT4Config:
 
 
 def alibi_slopes(n: int) -> list[float]:
-    """ALiBi head slopes (Press et al. 2022): 2^(-8/n), its powers; for n not a power of two, the slopes of the
-    closest lower power of two plus every other slope of the next one."""
+    """ALiBi head slopes (Press et al. 2022): powers of 2^(-8/n); for n not a power of two, those of the closest
+    lower power of two, then every other slope of the next one."""
 
     def power_of_2(n: int) -> list[float]:
         start = 2 ** (-(2 ** -(math.log2(n) - 3)))
@@ -99,17 +94,15 @@ def alibi_slopes(n: int) -> list[float]:
     return power_of_2(closest) + power_of_2(2 * closest)[0::2][: n - closest]
 
 
-def rotary_xpos_tables(
-    rot_dim: int, max_len: int, scale_base: float = 512.0, base: float = 10000.0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """cos, sin and the xPos scale for positions 0..max_len-1, each (max_len, rot_dim), channel pairs interleaved."""
+def rotary_xpos_tables(rot_dim: int, max_len: int, scale_base: float = 512.0, base: float = 10000.0) -> torch.Tensor:
+    """cos, sin and the xPos scale for positions 0..max_len-1, (3, max_len, rot_dim), channel pairs interleaved."""
     inv_freq = 1.0 / base ** (torch.arange(0, rot_dim, 2).float() / rot_dim)  # (r/2,)
     t = torch.arange(max_len).float()
     angles = torch.outer(t, inv_freq).repeat_interleave(2, dim=-1)  # (max_len, r): pair (2i, 2i+1) turns by θ_i
     zeta = (torch.arange(0, rot_dim, 2).float() + 0.4 * rot_dim) / (1.4 * rot_dim)  # (r/2,), in (0.28, 1)
     power = (t - max_len // 2) / scale_base  # centred, so the scales stay near 1 (the centre cancels in q.k)
     scale = (zeta[None, :] ** power[:, None]).repeat_interleave(2, dim=-1)  # (max_len, r)
-    return angles.cos(), angles.sin(), scale
+    return torch.stack((angles.cos(), angles.sin(), scale))
 
 
 def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
@@ -126,16 +119,11 @@ def apply_rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: t
     return torch.cat((rotated.to(t.dtype), rest), dim=-1)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Model
-
-
 class KVCache(nn.Module):
     """Keys (rotated) and values of the positions seen so far, preallocated and written in place."""
 
-    def __init__(self, batch_size: int, kv_heads: int, max_len: int, head_dim: int, dtype, device) -> None:
-        super().__init__()
-        shape = (batch_size, kv_heads, max_len, head_dim)
+    def __init__(self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()  # shape: (batch, kv_heads, max_len, dim_head)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
@@ -167,7 +155,7 @@ class Attention(nn.Module):
         self.flash = config.attn_flash
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, rotary: tuple | None, mask: torch.Tensor | None, cache_pos: int | None):
+    def forward(self, x: torch.Tensor, rotary: torch.Tensor | None, mask: torch.Tensor | None, cache_pos: int | None):
         B, T, _ = x.shape
         q = self.to_q(x).view(B, T, self.heads, self.dim_head).transpose(1, 2)  # (B, H, T, d)
         k = self.to_k(x).view(B, T, self.kv_heads, self.dim_head).transpose(1, 2)  # (B, kv, T, d)
@@ -192,8 +180,7 @@ class Attention(nn.Module):
         -inf where a key is hidden (ALiBi), or a boolean visibility mask."""
         T = q.size(2)
         if self.flash:
-            # a float mask (ALiBi) rules out the FlashAttention kernel; SDPA then picks the memory-efficient or
-            # math kernel by itself
+            # a float mask (ALiBi) rules out the FlashAttention kernel: SDPA picks the memory-efficient or math one
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                   scale=self.scale)
         scores = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, T, L)
@@ -233,8 +220,7 @@ class Transformer(nn.Module):
     def __init__(self, config: GPT4Config) -> None:
         super().__init__()
         self.config = config
-        # an explicit empty _weight skips nn.Embedding's own init (which on the meta device imports torch._dynamo);
-        # reset_parameters() initialises them
+        # an explicit _weight skips nn.Embedding's init (on meta it imports torch._dynamo); see reset_parameters
         self.token_emb = nn.Embedding(config.num_tokens, config.dim,
                                       _weight=torch.empty(config.num_tokens, config.dim))
         self.pos_emb = None
@@ -245,7 +231,7 @@ class Transformer(nn.Module):
         self.final_norm = nn.LayerNorm(config.dim, bias=False)
         self.to_logits = nn.Linear(config.dim, config.num_tokens, bias=False)
         self.build_position_tables()
-        self.cache_len = 0
+        self.cache_key, self.cache_len = None, 0
 
     def build_position_tables(self) -> None:
         """ALiBi slopes and rotary/xPos tables: computed from the config, never stored in checkpoints."""
@@ -255,10 +241,8 @@ class Transformer(nn.Module):
             slopes[: config.alibi_num_heads] = torch.tensor(alibi_slopes(config.alibi_num_heads))
         self.register_buffer("alibi_slopes", slopes.view(-1, 1, 1), persistent=False)  # (H, 1, 1), 0 = no bias
         if config.rotary_xpos:
-            cos, sin, scale = rotary_xpos_tables(config.dim_head // 2, config.max_seq_len)
-            self.register_buffer("rotary_cos", cos, persistent=False)
-            self.register_buffer("rotary_sin", sin, persistent=False)
-            self.register_buffer("xpos_scale", scale, persistent=False)
+            tables = rotary_xpos_tables(config.dim_head // 2, config.max_seq_len)  # (3, max_len, r): cos, sin, xPos
+            self.register_buffer("rotary", tables, persistent=False)
 
     def reset_parameters(self) -> None:
         """x-transformers' initialisation: kaiming-normal token embedding, PyTorch defaults elsewhere."""
@@ -268,16 +252,13 @@ class Transformer(nn.Module):
 
     def setup_cache(self, batch_size: int, max_len: int | None = None) -> None:
         """Allocate the KV cache (reused when it already fits)."""
-        max_len = max_len or self.config.max_seq_len
-        w = self.token_emb.weight
-        old = self.layers[0].attn.kv_cache
-        if old is not None and old.k.shape[0] == batch_size and old.k.shape[2] == max_len and old.k.dtype == w.dtype \
-                and old.k.device == w.device and old.k.is_inference() == torch.is_inference_mode_enabled():
-            return
-        for block in self.layers:
-            block.attn.kv_cache = KVCache(batch_size, self.config.kv_heads, max_len, self.config.dim_head, w.dtype,
-                                          w.device)
-        self.cache_len = max_len
+        max_len, w = max_len or self.config.max_seq_len, self.token_emb.weight
+        key = (batch_size, max_len, w.dtype, w.device, torch.is_inference_mode_enabled())  # inference tensors stay in
+        if key != self.cache_key:
+            for block in self.layers:
+                block.attn.kv_cache = KVCache((batch_size, self.config.kv_heads, max_len, self.config.dim_head),
+                                              w.dtype, w.device)
+            self.cache_key, self.cache_len = key, max_len
 
     def forward(self, tokens: torch.Tensor, cache_pos: int | None = None, *, only_last: bool = False) -> torch.Tensor:
         """Logits (B, T, num_tokens). cache_pos: None for a full forward; an int writes this chunk's keys and values
@@ -293,10 +274,7 @@ class Transformer(nn.Module):
         x = self.token_emb(tokens)  # (B, T, D)
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(start, start + T, device=tokens.device)) * self.config.dim**-0.5
-        rotary = None
-        if self.config.rotary_xpos:
-            rotary = (self.rotary_cos[start:start + T], self.rotary_sin[start:start + T],
-                      self.xpos_scale[start:start + T])
+        rotary = self.rotary[:, start:start + T] if self.config.rotary_xpos else None  # (3, T, r)
         mask = self.attention_mask(start, T, tokens.device)
         for block in self.layers:
             x = block(x, rotary, mask, cache_pos)
@@ -321,8 +299,6 @@ class Transformer(nn.Module):
 
 
 # Sampling filters with x-transformers' semantics: logits (B, V) -> logits with the excluded tokens at -inf
-
-
 def top_k(logits: torch.Tensor, frac_num_tokens: float = 0.1, k: int | None = None) -> torch.Tensor:
     """Keep the k largest logits; k defaults to ceil(frac_num_tokens * vocabulary)."""
     k = math.ceil(frac_num_tokens * logits.size(-1)) if k is None else k
@@ -381,11 +357,10 @@ class AutoregressiveWrapper(nn.Module):
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Sample up to seq_len new tokens after each prompt (B, T); return only the new tokens, (B, seq_len).
 
-        As x-transformers: the filter (a name in FILTERS, or a callable) is applied before dividing by temperature (0
-        is greedy); a row that samples eos_token is padded with pad_value after it, and generation stops once every
-        row has. Past max_seq_len each token sees the last max_seq_len tokens (the cache is rebuilt, exactly as a
-        recompute). A 1-D prompt gives a 1-D result. minhub.generate adds padded batches, streaming, a faster
-        sliding window and argument checks.
+        As x-transformers: the filter (a name in FILTERS, or a callable) comes before the division by temperature
+        (0 is greedy); a row that samples eos_token is padded with pad_value after it, and generation stops once all
+        rows have. Past max_seq_len each token sees the last max_seq_len (the cache is rebuilt: exact). A 1-D prompt
+        gives a 1-D result. minhub.generate adds padded batches, streaming, faster sliding and argument checks.
         """
         if isinstance(filter_logits_fn, str) and filter_logits_fn not in FILTERS:
             raise ValueError(f"filter_logits_fn={filter_logits_fn!r} is unknown: use one of {sorted(FILTERS)}")
@@ -421,17 +396,11 @@ class AutoregressiveWrapper(nn.Module):
 
 class GPT4(nn.Module):
     """zeta's GPT4, working: `model(tokens)` gives logits, `model.decoder(tokens)` the loss, `model.generate(...)`
-    samples. Arguments are GPT4Config's; unknown ones raise a TypeError that names them."""
+    samples. Keyword arguments are GPT4Config fields (overriding `config`'s); an unknown one is a TypeError."""
 
     def __init__(self, config: GPT4Config | None = None, **kwargs: Any) -> None:
         super().__init__()
-        known = {f.name for f in fields(GPT4Config)}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise TypeError(f"GPT4() got unknown keyword arguments {unknown}; it takes {sorted(known)}")
-        if config is not None and kwargs:
-            raise TypeError("give either a GPT4Config or keyword arguments, not both")
-        self.config = config or GPT4Config(**kwargs)
+        self.config = replace(config, **kwargs) if config else GPT4Config(**kwargs)
         self.decoder = AutoregressiveWrapper(Transformer(self.config))
         if not self.decoder.net.token_emb.weight.is_meta:
             self.decoder.net.reset_parameters()
@@ -458,8 +427,7 @@ class GPT4(nn.Module):
     def from_pretrained(cls, identifier: str | os.PathLike, revision: str | None = None, *,
                         dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> GPT4:
         """Load what save_pretrained wrote, from a directory or a hub repo (both files from one commit).
-        minhub.gpt4_from_pretrained (minhub/hub.py) adds typed errors naming every misfit, offline hints and a
-        device check."""
+        minhub.gpt4_from_pretrained adds typed errors naming every misfit, offline hints and a device check."""
         from safetensors.torch import load_file
 
         directory = Path(identifier).expanduser()

@@ -198,7 +198,8 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
             "code. Use a checkpoint with model.safetensors, or convert this one only if you trust its author"
         ) from e
     except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({e}): delete it and download it again") from e
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({e}): delete it and download it "
+                              "again") from e
     if not isinstance(state_dict, dict) or not all(isinstance(t, torch.Tensor) for t in state_dict.values()):
         raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors)")
     return state_dict

@@ -93,7 +93,7 @@ def char_tokenizer(chars: list[str]):
 
 
 def load_tokenizer(spec: str, data: Path, chunk_chars: int):
-    """'char': built from the characters of `data`; 'gpt2': GPT-2's BPE; else a tokenizer.json, a directory or a repo."""
+    """'char': built from the characters of `data`; 'gpt2': GPT-2's BPE; else a tokenizer.json, directory or repo."""
     from tokenizers import Tokenizer
 
     from minhub.tokenizer import tokenizer_from_pretrained

@@ -155,8 +155,14 @@ def test_documented_example_runs_with_a_small_config():
 
 
 def test_unknown_arguments_are_named():
-    with pytest.raises(TypeError, match=r"\['dimm', 'qk_nrom'\]"):
-        GPT4(dimm=3, qk_nrom=True)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'dimm'"):
+        GPT4(dimm=3)
+
+
+def test_keyword_arguments_override_a_given_config():
+    model = GPT4(GPT4Config(num_tokens=50, max_seq_len=16, dim=32, depth=1, dim_head=16, heads=4, alibi_num_heads=2),
+                 depth=2)
+    assert model.config.depth == 2 and len(model.decoder.net.layers) == 2 and model.config.dim == 32
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -127,7 +127,8 @@ def test_tutorial_example_samples_what_generate_samples(gpt2_shaped_repo):
     tokenizer = tokenizer_from_pretrained(gpt2_shaped_repo)
     idx = torch.tensor([tokenizer.encode(prompt).ids])
     out = generate(model, idx, 10, top_k=20, eos_token_id=50256, generator=torch.Generator().manual_seed(3))
-    assert result.stdout == tokenizer.decode(out[0].tolist(), skip_special_tokens=False).split("<|endoftext|>")[0] + "\n"
+    expected = tokenizer.decode(out[0].tolist(), skip_special_tokens=False).split("<|endoftext|>")[0]
+    assert result.stdout == expected + "\n"
 
 
 def test_gpt4_py_copied_alone_builds_saves_loads_and_samples(tmp_path):
