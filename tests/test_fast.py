@@ -91,6 +91,48 @@ def test_compiled_decode_step_equals_the_eager_one(checkpoint):
                            generate(eager, prompts, 20, temperature=0, attention_mask=mask))
 
 
+def test_the_one_row_pass_turns_one_row_fp32_matmuls_into_reductions_and_leaves_the_rest():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from minhub.fast import one_row_matmul_as_reduction
+
+    aten = torch.ops.aten
+    torch.manual_seed(0)
+    weight, bias = torch.randn(300, 200), torch.randn(300)
+    column_major = weight.t().contiguous().t()  # GPT-2's hub layout: the pass needs W's rows contiguous
+
+    def linears(x, w, b):
+        return torch.nn.functional.linear(x, w, b), torch.nn.functional.linear(x, w)
+
+    for x, w, rewritten in [(torch.randn(1, 200), weight, True), (torch.randn(3, 200), weight, False),
+                            (torch.randn(1, 200), column_major, False),
+                            (torch.randn(1, 200, dtype=torch.float64), weight.double(), False)]:
+        b = bias.to(w.dtype)
+        graph_module = make_fx(linears, tracing_mode="fake")(x, w, b)
+        one_row_matmul_as_reduction()(graph_module.graph)
+        graph_module.recompile()
+        targets = {n.target for n in graph_module.graph.nodes if n.op == "call_function"}
+        assert (aten.mm.default not in targets and aten.addmm.default not in targets) == rewritten
+        assert (aten.sum.dim_IntList in targets) == rewritten
+        for ours, reference in zip(graph_module(x, w, b), linears(x, w, b)):
+            assert (ours - reference).abs().max().item() <= 1e-5
+
+
+@needs_compiler
+def test_compiled_decode_step_matches_transformers_logits(checkpoint):
+    model = compile_decode(gpt2_from_pretrained(checkpoint))
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(m.weight.is_contiguous() for m in linears)  # row-major, as the one-row pass reads them
+    reference = hf_gpt2(seed=5, n_positions=40, n_layer=3).eval()
+    idx = torch.randint(0, 101, (1, 30), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = reference(idx).logits[0]
+        model.setup_cache(1, 41)
+        step = generation.decode_step(model)
+        logits = torch.cat([model(idx[:, :1], 0)] + [step(idx[:, t:t + 1], t) for t in range(1, 30)], dim=1)[0]
+    assert (logits - expected).abs().max().item() <= 1e-4
+
+
 def test_without_onednn_bf16_prepack_bf16_refuses_before_touching_the_model(checkpoint, monkeypatch):
     fake_cpu(monkeypatch, onednn_bf16=False, isa="AVX2", model="an AVX2-only CPU")
     model = gpt2_from_pretrained(checkpoint)
