@@ -1,7 +1,8 @@
 """minhub: small, readable, single-file language models that load real pretrained weights from the Hugging Face hub.
 
 The model files (gpt2.py, gpt4.py) stand alone; the package adds loading with typed errors (hub.py), one generation
-engine (generation.py), tokenizers (tokenizer.py), CPU fast paths (fast.py, hardware.py), training and the CLI.
+engine (generation.py), perplexity and token scores (scoring.py), tokenizers (tokenizer.py), CPU fast paths
+(fast.py, hardware.py), training and the CLI.
 """
 
 from minhub.generation import generate, generate_stream, pad_left, sample_next_token, stream_text
@@ -18,6 +19,7 @@ from minhub.hub import (
     gpt2_from_pretrained,
     gpt4_from_pretrained,
 )
+from minhub.scoring import Perplexity, perplexity, token_logprobs
 from minhub.tokenizer import tokenizer_from_pretrained
 
 __version__ = "0.1.0"
@@ -34,13 +36,16 @@ __all__ = [
     "LoadError",
     "MissingFileError",
     "ModelNotFoundError",
+    "Perplexity",
     "RevisionNotFoundError",
     "generate",
     "generate_stream",
     "gpt2_from_pretrained",
     "gpt4_from_pretrained",
     "pad_left",
+    "perplexity",
     "sample_next_token",
     "stream_text",
+    "token_logprobs",
     "tokenizer_from_pretrained",
 ]

@@ -1,4 +1,5 @@
-"""Train a GPT-2 or GPT4-style model from scratch on a text file: `minhub train --data input.txt --out runs/x`.
+"""Train a GPT-2 or GPT4-style model on a text file, from scratch (`minhub train --data input.txt --out runs/x`) or
+from a pretrained GPT-2 (`--init-from gpt2`: its weights, shape and tokenizer).
 
 The run directory ends up holding what `gpt2_from_pretrained` / `GPT4.from_pretrained` load (config.json,
 model.safetensors, tokenizer.json), plus `train_state.pt` (model, optimizer, step, random states) for `--resume`,
@@ -70,10 +71,16 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 or fp16 autocast on CUDA, fp32 elsewhere) | float32 | bfloat16 | float16
     compile: bool = False
     resume: bool = False
+    # fine-tuning: start from this GPT-2 (anything gpt2_from_pretrained takes) with its shape and tokenizer
+    init_from: str | None = None
+    revision: str | None = None  # of init_from
 
     # the fields that define the model: a run directory cannot be continued with different ones
     MODEL_FIELDS = ("model", "tokenizer", "n_layer", "n_head", "n_embd", "block_size", "dropout", "dim_head",
-                    "alibi_num_heads")
+                    "alibi_num_heads", "init_from", "revision")
+    # what --init-from takes from the base model (given together with it, they are an error)
+    BASE_FIELDS = ("model", "tokenizer", "n_layer", "n_head", "n_embd", "dim_head", "alibi_num_heads")
+    FINE_TUNE_LR = 3e-5  # nanoGPT's finetune_shakespeare: a small, constant learning rate
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -231,6 +238,40 @@ class Batches:
 
 # --------------------------------------------------------------------------------------------------------------------
 # Model, optimizer, learning rate
+
+
+def load_base(config: TrainConfig):
+    """The pretrained GPT-2 that --init-from names, and its tokenizer (from the same commit); a TrainError that
+    says why when it cannot be loaded. Nothing is written."""
+    from minhub import hub
+    from minhub.tokenizer import tokenizer_from_pretrained
+
+    if config.model != "gpt2":
+        raise TrainError(f"--init-from fine-tunes GPT-2 checkpoints, not {config.model!r} models: drop --model")
+    try:
+        base = hub.gpt2_from_pretrained(config.init_from, config.revision)
+        tokenizer = tokenizer_from_pretrained(config.init_from, base.commit_hash or config.revision)
+    except (hub.LoadError, ValueError, OSError) as e:
+        raise TrainError(f"--init-from {config.init_from}: {e}") from e
+    if not 2 <= config.block_size <= base.config.n_positions:
+        raise TrainError(f"block_size must be in [2, {base.config.n_positions}] (the context of {config.init_from}), "
+                         f"got {config.block_size}")
+    return base, tokenizer
+
+
+def fine_tune_model(base_config, state_dict: dict[str, torch.Tensor], config: TrainConfig) -> nn.Module:
+    """A GPT-2 with the base's shape and weights, the run's dropout, and its context cropped to block_size (the
+    first block_size position embeddings, as nanoGPT's crop_block_size)."""
+    from dataclasses import replace
+
+    from minhub.gpt2 import GPT2
+
+    model = GPT2(replace(base_config, n_positions=config.block_size, embd_pdrop=config.dropout,
+                         attn_pdrop=config.dropout, resid_pdrop=config.dropout))
+    state = dict(state_dict)
+    state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:config.block_size]
+    model.load_state_dict(state)
+    return model
 
 
 def build_model(config: TrainConfig, vocab_size: int) -> nn.Module:
@@ -434,11 +475,14 @@ def train(config: TrainConfig, callback: Callable[[int, dict], None] | None = No
     main_process = rank == 0
     device = _device(config, local_rank)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     resumed = check_run_directory(out, config)
     if resumed is not None:  # the run's own settings, except how long and where to go on
         keep = ("max_steps", "eval_every", "eval_steps", "save_every", "device", "resume", "compile")
         config = TrainConfig(**{**resumed["config"], **{k: getattr(config, k) for k in keep}})
+    base = base_tokenizer = None
+    if config.init_from is not None and resumed is None:
+        base, base_tokenizer = load_base(config)  # before anything is written: a bad base leaves no trace
+    out.mkdir(parents=True, exist_ok=True)
     for name in ("batch_size", "grad_accum", "max_steps", "block_size", "eval_every", "eval_steps"):
         if getattr(config, name) <= 0:
             raise TrainError(f"{name} must be positive, got {getattr(config, name)}")
@@ -449,7 +493,7 @@ def train(config: TrainConfig, callback: Callable[[int, dict], None] | None = No
     if main_process:
         data = check_data(config)
         if resumed is None or not tokenizer_path.is_file():
-            tokenizer = load_tokenizer(config.tokenizer, data, 1 << 22)
+            tokenizer = base_tokenizer or load_tokenizer(config.tokenizer, data, 1 << 22)
             tokenizer.save(str(tokenizer_path.with_name("tokenizer.json.tmp")))
             os.replace(tokenizer_path.with_name("tokenizer.json.tmp"), tokenizer_path)
         from tokenizers import Tokenizer
@@ -470,7 +514,17 @@ def train(config: TrainConfig, callback: Callable[[int, dict], None] | None = No
                     "val": Batches(out / "val.bin", meta["dtype"], config.block_size, config.batch_size,
                                    config.seed + 2, device)}
 
-    model = build_model(config, vocab_size).to(device)
+    if config.init_from is None:
+        model = build_model(config, vocab_size)
+    elif base is not None:
+        model = fine_tune_model(base.config, base.state_dict(), config)
+        del base
+    else:  # resuming a fine-tune: the shape is the run's own config.json, the weights come from train_state.pt
+        from minhub.gpt2 import GPT2Config
+
+        run_config = GPT2Config.from_dict(json.loads((out / "config.json").read_text()))
+        model = fine_tune_model(run_config, resumed["model"], config)
+    model = model.to(device)
     optimizer = build_optimizer(model, config, fused=device.type == "cuda")
     step, best_val = 0, float("inf")
     if resumed is not None:
@@ -565,5 +619,31 @@ def train(config: TrainConfig, callback: Callable[[int, dict], None] | None = No
 
 
 def config_from_args(args: Any) -> TrainConfig:
-    """TrainConfig from argparse's namespace (flags are the fields with dashes)."""
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
+    """TrainConfig from argparse's namespace (flags are the fields with dashes; None: not given).
+
+    With --init-from, the base model's fields (TrainConfig.BASE_FIELDS) must not be given, block_size defaults to
+    the base's context and lr / min_lr to FINE_TUNE_LR."""
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    if given.get("init_from") is not None:
+        clashing = [name for name in TrainConfig.BASE_FIELDS if name in given]
+        if clashing:
+            flags = ", ".join("--" + name.replace("_", "-") for name in clashing)
+            raise TrainError(f"{flags} come from the base model with --init-from: drop them (--block-size, "
+                             "--dropout and the optimisation settings may be set)")
+        given.setdefault("lr", TrainConfig.FINE_TUNE_LR)
+        given.setdefault("min_lr", given["lr"])
+        if "block_size" not in given and not getattr(args, "resume", False):
+            given["block_size"] = base_context(given["init_from"], given.get("revision"))
+    elif given.get("revision") is not None:
+        raise TrainError("--revision is the revision of --init-from: give --init-from too")
+    return TrainConfig(**given)
+
+
+def base_context(identifier: str, revision: str | None) -> int:
+    """n_positions of the base model's config.json (a TrainError when it cannot be read)."""
+    from minhub import hub
+
+    try:
+        return int(hub.read_config(hub.CheckpointFiles(identifier, revision)).get("n_positions", 1024))
+    except (hub.LoadError, ValueError, OSError) as e:
+        raise TrainError(f"--init-from {identifier}: {e}") from e

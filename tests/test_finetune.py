@@ -1,0 +1,130 @@
+"""`minhub train --init-from`: fine-tuning starts from the base model's weights, shape and tokenizer (loaded through
+the real hub code path from a temporary cache), improves on the new text, loads in transformers, and resumes
+exactly."""
+
+import json
+import os
+import random
+import signal
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import put_in_hub_cache
+from safetensors.torch import load_file
+
+from minhub import gpt2_from_pretrained
+from minhub.cli import main
+from minhub.train import Batches, TrainConfig, TrainError, estimate_loss, train
+
+OLD_WORDS = ["the", "king", "queen", "shall", "speak", "to", "thee", "my", "lord", "and", "good", "night", "o"]
+NEW_WORDS = ["a", "ship", "sails", "on", "the", "grey", "sea", "at", "dawn", "and", "night"]
+
+
+def write_corpus(path: Path, words: list[str], seed: int) -> Path:
+    rng = random.Random(seed)
+    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 10))) + "."
+                              for _ in range(1500)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A small character-level GPT-2 trained from scratch on one text, then put in the hub cache as tests/base."""
+    root = tmp_path_factory.mktemp("base")
+    old = write_corpus(root / "old.txt", OLD_WORDS + NEW_WORDS, 0)  # every character of the new text appears
+    train(TrainConfig(data=str(old), out=str(root / "run"), n_layer=2, n_head=2, n_embd=48, block_size=32,
+                      batch_size=16, max_steps=120, eval_every=120, eval_steps=2, warmup_steps=5, lr=3e-3,
+                      min_lr=3e-4, seed=3))
+    put_in_hub_cache("tests/base", root / "run")
+    new = write_corpus(root / "new.txt", NEW_WORDS, 1)
+    return "tests/base", root / "run", new
+
+
+def fine_tune(base, out: Path, **overrides) -> TrainConfig:
+    name, _, new = base
+    settings = dict(data=str(new), out=str(out), init_from=name, block_size=32, batch_size=16, max_steps=60,
+                    eval_every=60, eval_steps=4, warmup_steps=0, lr=1e-3, min_lr=1e-4, seed=5)
+    return TrainConfig(**{**settings, **overrides})
+
+
+def val_loss(model, run: Path, config: TrainConfig) -> float:
+    """The run's own evaluation (same batches, same seeds) applied to `model`."""
+    meta = json.loads((run / "data.json").read_text())
+    batches = {split: Batches(run / f"{split}.bin", meta["dtype"], config.block_size, config.batch_size, 0, "cpu")
+               for split in ("train", "val")}
+    return estimate_loss(model, batches, config.eval_steps, nullcontext, config.seed)["val"]
+
+
+def test_fine_tuning_starts_at_the_base_and_improves_on_the_new_text(base, tmp_path):
+    name, base_run, _ = base
+    base_model = gpt2_from_pretrained(name)
+    first = fine_tune(base, tmp_path / "first", max_steps=1, eval_every=1, lr=1e-6, min_lr=1e-6)
+    after_one_step = train(first)["val_loss"]
+    base_loss = val_loss(base_model.train(), tmp_path / "first", first)
+    assert abs(after_one_step - base_loss) < 0.02  # the run starts from the base's weights ...
+    scratch = train(TrainConfig(**{**vars(first), "init_from": None, "out": str(tmp_path / "scratch"), "n_layer": 2,
+                                   "n_head": 2, "n_embd": 48, "tokenizer": str(base_run / "tokenizer.json")}))
+    assert scratch["val_loss"] > base_loss + 1.0  # ... not from a fresh model's
+
+    result = train(fine_tune(base, tmp_path / "run"))
+    assert result["val_loss"] < base_loss - 0.05  # and learns the new text
+    run = tmp_path / "run"
+    assert (run / "tokenizer.json").read_text() == (base_run / "tokenizer.json").read_text()
+    config = json.loads((run / "config.json").read_text())
+    assert (config["n_layer"], config["n_embd"], config["vocab_size"]) == (2, 48, base_model.config.vocab_size)
+
+    from transformers import GPT2LMHeadModel
+
+    ours, theirs = gpt2_from_pretrained(run), GPT2LMHeadModel.from_pretrained(run).eval()
+    idx = torch.randint(0, ours.config.vocab_size, (2, 20))
+    with torch.no_grad():
+        assert (ours(idx) - theirs(idx).logits).abs().max().item() <= 1e-4
+    assert main(["generate", str(run), "the sea", "--max-new-tokens", "8", "--seed", "0"]) == 0
+
+
+def test_a_cropped_context_and_an_exact_resume(base, tmp_path):
+    whole = train(fine_tune(base, tmp_path / "whole", block_size=16, max_steps=12, save_every=6, eval_every=6,
+                            dropout=0.1))
+    assert json.loads((tmp_path / "whole" / "config.json").read_text())["n_positions"] == 16
+    def stop_after_step_4(step, metrics):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would: the run saves step 4 and stops
+
+    with pytest.raises(KeyboardInterrupt):
+        train(fine_tune(base, tmp_path / "split", block_size=16, max_steps=12, save_every=6, eval_every=6,
+                        dropout=0.1), callback=stop_after_step_4)
+    assert torch.load(tmp_path / "split" / "train_state.pt", weights_only=True)["step"] == 4
+    resumed = train(TrainConfig(data="unused", out=str(tmp_path / "split"), max_steps=12, save_every=6,
+                                eval_every=6, eval_steps=4, resume=True))
+    assert resumed == whole
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "split" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_unknown_base_is_one_error_before_anything_is_written(base, tmp_path):
+    with pytest.raises(TrainError, match="--init-from nobody/missing: .*nobody/missing"):
+        train(fine_tune(base, tmp_path / "run", init_from="nobody/missing"))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(TrainError, match=r"block_size must be in \[2, 32\] \(the context of tests/base\), got 64"):
+        train(fine_tune(base, tmp_path / "run", block_size=64))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--n-layer", "4"], "--n-layer come from the base model with --init-from: drop them"),
+    (["--model", "gpt4", "--n-embd", "64"], "--model, --n-embd come from the base model"),
+    ([], "--init-from nobody/missing"),
+])
+def test_cli_init_from_errors_are_one_line_and_exit_2(base, tmp_path, capsys, options, message):
+    name = "nobody/missing" if not options else base[0]
+    code = main(["train", "--data", str(base[2]), "--out", str(tmp_path / "run"), "--init-from", name, *options])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_revision_needs_init_from(tmp_path, capsys):
+    assert main(["train", "--data", "x.txt", "--out", str(tmp_path / "run"), "--revision", "main"]) == 2
+    assert "--revision is the revision of --init-from" in capsys.readouterr().err
