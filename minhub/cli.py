@@ -148,6 +148,30 @@ def score_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_command(args: argparse.Namespace) -> int:
+    """Serve MODEL behind an OpenAI-compatible API (minhub/serve.py) until Ctrl-C."""
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        print("minhub: serving needs starlette and uvicorn: pip install 'minhub[serve]'", file=sys.stderr)
+        return 2
+    from minhub import hardware, hub
+    from minhub.serve import build_app
+
+    try:
+        app = build_app(args.model, args.revision, max_batch=args.max_batch, dtype=args.dtype, device=args.device,
+                        api_key=args.api_key)
+    except (hub.LoadError, ValueError, FileNotFoundError, hardware.CPUFeatureError) as e:
+        print(f"minhub: {e}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    print(f"serving {args.model} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def train_command(args: argparse.Namespace) -> int:
     """Train a model from scratch (see minhub/train.py)."""
     from minhub.train import TrainError, config_from_args, train
@@ -281,6 +305,18 @@ def build_parser() -> argparse.ArgumentParser:
         sc.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
         sc.add_argument("--json", action="store_true", help="print one JSON object")
         sc.set_defaults(handler=score_command, handler_name=name)
+
+    sv = commands.add_parser("serve", help="an OpenAI-compatible completions server (pip install 'minhub[serve]')",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sv.add_argument("model", help="hub repo id, commit, or local directory / minhub run")
+    sv.add_argument("--revision", default=None, help="branch, tag or commit sha on the hub")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch", type=int, default=8, help="rows decoded together (continuous batching)")
+    sv.add_argument("--dtype", choices=DTYPES, default="float32")
+    sv.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    sv.set_defaults(handler=serve_command)
 
     pl = commands.add_parser("plot", help="plot a run's train/validation loss curves to a PNG (needs matplotlib)")
     pl.add_argument("run", help="run directory of `minhub train`")
