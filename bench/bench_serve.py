@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import socket
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -25,35 +23,10 @@ PROMPTS = ["The meaning of life is", "Once upon a time there was", "In the begin
            "All happy families are alike"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="checkpoint directory (default: random GPT-2 124M shapes)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--max-batch", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=4, help="requests per client")
-    parser.add_argument("--max-tokens", type=int, default=32)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
+def load_test(port: int, model_name: str, args: argparse.Namespace) -> dict[int, float]:
+    """Aggregate completion tokens/s with 1, 4 and 16 clients, each sending args.requests requests in turn."""
     import openai
-    import uvicorn
-    from transformers import GPT2LMHeadModel
 
-    from minhub.serve import build_app
-
-    tmp = tempfile.TemporaryDirectory()
-    model_dir = Path(args.model) if args.model else write_random_gpt2(Path(tmp.name) / "gpt2")
-    if not (model_dir / "tokenizer.json").exists():
-        (model_dir / "tokenizer.json").write_bytes(TOKENIZER.read_bytes())
-    app = build_app(str(model_dir), max_batch=args.max_batch)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
     print(f"machine: {machine()}; server max batch {args.max_batch}, {args.max_tokens} new tokens per request, "
           "greedy, no EOS stop (random weights)")
 
@@ -61,7 +34,7 @@ def main() -> None:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
         tokens = 0
         for r in range(args.requests):
-            result = client.completions.create(model=str(model_dir), prompt=PROMPTS[(k + r) % len(PROMPTS)],
+            result = client.completions.create(model=model_name, prompt=PROMPTS[(k + r) % len(PROMPTS)],
                                                max_tokens=args.max_tokens, temperature=0)
             tokens += result.usage.completion_tokens
         return tokens
@@ -75,8 +48,30 @@ def main() -> None:
         rates[clients] = tokens / (time.perf_counter() - start)
         print(f"{clients:2d} concurrent clients x {args.requests} requests: {rates[clients]:.1f} tok/s aggregate "
               f"({rates[clients] / rates[1]:.2f}x one client)", flush=True)
-    server.should_exit = True
-    thread.join(timeout=30)
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="checkpoint directory (default: random GPT-2 124M shapes)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=4, help="requests per client")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from transformers import GPT2LMHeadModel
+
+    from minhub.serve import BackgroundServer, build_app
+
+    tmp = tempfile.TemporaryDirectory()
+    model_dir = Path(args.model) if args.model else write_random_gpt2(Path(tmp.name) / "gpt2")
+    if not (model_dir / "tokenizer.json").exists():
+        (model_dir / "tokenizer.json").write_bytes(TOKENIZER.read_bytes())
+    app = build_app(str(model_dir), max_batch=args.max_batch)
+    with BackgroundServer(app) as running:
+        rates = load_test(running.port, str(model_dir), args)
 
     ref = GPT2LMHeadModel.from_pretrained(model_dir).eval()
     from tokenizers import Tokenizer

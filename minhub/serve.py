@@ -576,3 +576,32 @@ def build_app(model_id: str, revision: str | None = None, *, max_batch: int = 8,
         prepack(model, torch.float32, max_batch)
     return create_app(model, tokenizer, str(model_id), max_batch=max_batch, api_key=api_key, eos_token_id=eos)
 
+
+class BackgroundServer:
+    """`app` served by uvicorn on host:<a free port> in a background thread, for tests, benchmarks and notebooks:
+    `with BackgroundServer(app) as server: ... server.port ...`; leaving the block stops it."""
+
+    def __init__(self, app, host: str = "127.0.0.1", start_timeout: float = 30.0) -> None:
+        import socket
+
+        import uvicorn
+
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host, 0))
+            self.port = probe.getsockname()[1]
+        self.host, self.start_timeout = host, start_timeout
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="minhub-server", daemon=True)
+
+    def __enter__(self) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.monotonic() + self.start_timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"the server did not start on {self.host}:{self.port}")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

@@ -4,8 +4,6 @@ with raw HTTP. Greedy completions equal minhub.generate, alone and under continu
 import concurrent.futures
 import http.client
 import json
-import socket
-import threading
 import time
 
 import pytest
@@ -13,11 +11,11 @@ import torch
 from helpers import hf_gpt2, hub_checkpoint
 
 pytest.importorskip("starlette")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
 from minhub import generate, gpt2_from_pretrained, tokenizer_from_pretrained  # noqa: E402
-from minhub.serve import build_app  # noqa: E402
+from minhub.serve import BackgroundServer, build_app  # noqa: E402
 
 MODEL = "tests/serve-gpt2"
 SCHEDULER = {}  # the running app's model thread, for the tests that look at its rows
@@ -32,19 +30,8 @@ def server():
                                   bos_token_id=50256, eos_token_id=50256, std=0.5), tokenizer=True)
     app = build_app(MODEL, max_batch=4, api_key="secret")
     SCHEDULER["it"] = app.state.scheduler
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    yield port
-    server.should_exit = True
-    thread.join(timeout=15)
+    with BackgroundServer(app) as running:
+        yield running.port
 
 
 def client(port: int, **kwargs):
