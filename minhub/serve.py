@@ -136,7 +136,8 @@ def parse_completion_request(body: Any, served_name: str, tokenizer, context: in
     return {"prompts": prompts, "encoded": encoded, "max_tokens": max_tokens, "temperature": float(temperature),
             "top_p": None if top_p >= 1 else float(top_p), "top_k": top_k or None, "seed": seed, "n": n,
             "logprobs": logprobs, "stop": stops, "stream": bool(_field(body, "stream", (bool,), False)),
-            "echo": bool(_field(body, "echo", (bool,), False))}
+            "echo": bool(_field(body, "echo", (bool,), False)),
+            "include_usage": bool(_field(_field(body, "stream_options", (dict,), {}), "include_usage", (bool,), False))}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -522,6 +523,9 @@ def create_app(model: nn.Module, tokenizer, served_name: str, *, max_batch: int 
                     if piece or kind == "end":
                         chunk = payload([(index, piece, c.finish_reason if kind == "end" else None)], False)
                         yield f"data: {json.dumps(chunk)}\n\n"
+                if req["include_usage"]:  # OpenAI's stream_options: one last chunk with no choices and the usage
+                    final = payload([], True)
+                    yield f"data: {json.dumps(final)}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
                 cancel()  # a client that went away frees its rows at the next step

@@ -73,6 +73,13 @@ def test_streaming_gives_the_same_text(server):
     chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks) == expected_greedy(PROMPTS[1], 25)
     assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    stream = client(server).completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=25, temperature=0,
+                                               stream=True, stream_options={"include_usage": True})
+    *chunks, last = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == expected_greedy(PROMPTS[1], 25)
+    prompt_tokens = len(tokenizer_from_pretrained(MODEL).encode(PROMPTS[1]).ids)
+    assert last.choices == [] and last.usage.prompt_tokens == prompt_tokens
+    assert last.usage.total_tokens == prompt_tokens + last.usage.completion_tokens
 
 
 def test_a_list_of_prompts_echo_stop_n_and_logprobs(server):
