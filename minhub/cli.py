@@ -38,20 +38,18 @@ def generate_command(args: argparse.Namespace) -> int:
     import torch
 
     from minhub import hardware, hub
-    from minhub.generation import stream_text
+    from minhub.generation import _network, stream_text
     from minhub.tokenizer import tokenizer_from_pretrained
 
     dtype = getattr(torch, args.dtype)
     try:
         _check_generate_args(args)
-        if hub.model_type(args.model, args.revision) == "minhub-gpt4":
-            if args.compile or args.int8:
-                raise ValueError("--compile and --int8 are for GPT-2 models; drop them for this GPT4 run")
-            model = hub.gpt4_from_pretrained(args.model, args.revision, dtype=dtype, device=args.device)
-            vocab_size, eos = model.config.num_tokens, None  # GPT4 runs have no end-of-text token
-        else:
-            model = hub.gpt2_from_pretrained(args.model, args.revision, dtype=dtype, device=args.device)
-            vocab_size, eos = model.config.vocab_size, None if args.ignore_eos else model.config.eos_token_id
+        if (args.compile or args.int8) and hub.model_type(args.model, args.revision) == "minhub-gpt4":
+            raise ValueError("--compile and --int8 are for GPT-2 models; drop them for this GPT4 run")
+        model = hub.from_pretrained(args.model, args.revision, dtype=dtype, device=args.device)
+        _, _, vocab_size = _network(model)
+        # GPT4 runs have no end-of-text token
+        eos = None if args.ignore_eos else getattr(model.config, "eos_token_id", None)
         # the model's commit, not the branch name: model and tokenizer come from the same files
         tokenizer = tokenizer_from_pretrained(args.model, model.commit_hash or args.revision)
     except (hub.LoadError, ValueError, FileNotFoundError, hardware.CPUFeatureError) as e:
@@ -99,6 +97,7 @@ def score_command(args: argparse.Namespace) -> int:
     import torch
 
     from minhub import hardware, hub
+    from minhub.generation import _network
     from minhub.scoring import check_scoring_args, token_logprobs, windows
     from minhub.tokenizer import tokenizer_from_pretrained
 
@@ -107,12 +106,8 @@ def score_command(args: argparse.Namespace) -> int:
         text = Path(args.file).read_text(encoding="utf-8")
         if not text:
             raise ValueError(f"{args.file} is empty: there is nothing to score")
-        if hub.model_type(args.model, args.revision) == "minhub-gpt4":
-            model = hub.gpt4_from_pretrained(args.model, args.revision, device=device)
-            context = model.config.max_seq_len
-        else:
-            model = hub.gpt2_from_pretrained(args.model, args.revision, device=device)
-            context = model.config.n_positions
+        model = hub.from_pretrained(args.model, args.revision, device=device)
+        _, context, _ = _network(model)
         tokenizer = tokenizer_from_pretrained(args.model, model.commit_hash or args.revision)
         encoding = tokenizer.encode(text)
         max_length, stride = check_scoring_args(len(encoding.ids), context, args.max_length, args.stride,

@@ -377,6 +377,13 @@ def model_type(identifier: str | os.PathLike, revision: str | None = None) -> st
     return read_config(CheckpointFiles(identifier, revision)).get("model_type", "gpt2")
 
 
+def from_pretrained(identifier: str | os.PathLike, revision: str | None = None, *, dtype: torch.dtype | None = None,
+                    device: str | torch.device | None = None) -> GPT2 | GPT4:
+    """A GPT-2 or a GPT4-style run, whichever the checkpoint's config.json describes (what the CLI loads)."""
+    load = gpt4_from_pretrained if model_type(identifier, revision) == "minhub-gpt4" else gpt2_from_pretrained
+    return load(identifier, revision, dtype=dtype, device=device)
+
+
 def save_pretrained(model: GPT2 | GPT4, directory: str | os.PathLike) -> None:
     """Write config.json and model.safetensors, which the loaders here (and, for GPT-2, transformers) read.
 

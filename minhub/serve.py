@@ -564,12 +564,8 @@ def build_app(model_id: str, revision: str | None = None, *, max_batch: int = 8,
         raise ValueError(f"--max-batch must be a positive integer, got {max_batch!r}")
     hardware.check_device(device)
     torch_dtype = getattr(torch, dtype)
-    if hub.model_type(model_id, revision) == "minhub-gpt4":
-        model = hub.gpt4_from_pretrained(model_id, revision, dtype=torch_dtype, device=device)
-        eos = None
-    else:
-        model = hub.gpt2_from_pretrained(model_id, revision, dtype=torch_dtype, device=device)
-        eos = model.config.eos_token_id
+    model = hub.from_pretrained(model_id, revision, dtype=torch_dtype, device=device)
+    eos = getattr(model.config, "eos_token_id", None)  # GPT4 runs have none
     tokenizer = tokenizer_from_pretrained(model_id, model.commit_hash or revision)
     if isinstance(model, GPT2) and torch_dtype == torch.float32 and next(model.parameters()).device.type == "cpu" \
             and hardware.cpu_info().onednn:
