@@ -59,7 +59,7 @@ class Completion:
     seed: int | None
     logprobs: int | None
     stop_ids: set[int]
-    deliver: Any  # deliver(event): called from the model thread with ("token", id, logprob, top) or ("end", reason)
+    deliver: Any  # deliver(event), from the model thread: ("token", id, logprob, top) or ("end", reason)
     cancelled: bool = False
     generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
@@ -339,10 +339,8 @@ class Scheduler:
         if token in row.stop_ids:
             self._retire(slot, ("end", "stop"))
             return
-        keep_going = row.deliver(("token", token, logprob, top))
-        if keep_going is False:
-            self._retire(slot, ("end", "stop"))
-        elif len(row.generated) >= row.max_tokens:
+        row.deliver(("token", token, logprob, top))  # text and stop strings are the HTTP side's work, not this thread's
+        if len(row.generated) >= row.max_tokens:
             self._retire(slot, ("end", "length"))
 
     def _retire(self, slot: int, event: tuple | None) -> None:
@@ -460,12 +458,8 @@ def create_app(model: nn.Module, tokenizer, served_name: str, *, max_batch: int 
                 choice = Choice(tokenizer, prompt, req["stop"], req["echo"], req["logprobs"])
                 choices.append(choice)
 
-                def deliver(event, index=index, choice=choice):
-                    keep_going = choice.add(*event[1:]) if event[0] == "token" else True
-                    if event[0] == "end":
-                        choice.finish_reason = choice.finish_reason or event[1]
-                    loop.call_soon_threadsafe(events.put_nowait, (index, event[0], keep_going))
-                    return keep_going
+                def deliver(event, index=index):  # called by the model thread
+                    loop.call_soon_threadsafe(events.put_nowait, (index, event))
 
                 seed = None if req["seed"] is None else req["seed"] + i
                 rows.append(Completion(ids, req["max_tokens"], req["temperature"], req["top_k"], req["top_p"], seed,
@@ -488,12 +482,23 @@ def create_app(model: nn.Module, tokenizer, served_name: str, *, max_batch: int 
             return out
 
         async def finished_events():
-            """(choice index, "token" or "end") as the model thread hands them over, until every row has ended."""
+            """(choice index, "token" or "end") as the model thread hands them over, until every choice has ended.
+            A stop string ends a choice here; its row is then cancelled and leaves the batch at the next step."""
             done = 0
             while done < len(rows):
-                index, kind, _ = await events.get()
-                done += kind == "end"
-                yield index, kind
+                index, event = await events.get()
+                choice = choices[index]
+                if choice.finish_reason is not None:  # tokens the row made before it saw its cancellation
+                    continue
+                if event[0] == "token" and choice.add(*event[1:]):
+                    yield index, "token"
+                    continue
+                if event[0] == "token":
+                    rows[index].cancelled = True
+                else:
+                    choice.finish_reason = event[1]
+                done += 1
+                yield index, "end"
 
         def cancel() -> None:
             for row in rows:
