@@ -234,3 +234,24 @@ def test_cli_serve_refuses_a_bad_model_or_batch_in_one_line(capsys):
     assert main(["serve", "tests/serve-cli", "--max-batch", "0"]) == 2
     err = capsys.readouterr().err
     assert "--max-batch must be a positive integer" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_packing_follows_the_cpu_probe(onednn, monkeypatch):
+    """With oneDNN the server packs its fp32 weights once; a PyTorch without it serves the plain model."""
+    import dataclasses
+
+    from minhub import hardware
+    from minhub.fast import PackedLinear
+
+    if onednn and not hardware.cpu_info().onednn:
+        pytest.skip(f"needs a PyTorch built with oneDNN; {hardware.cpu_info().describe()}")
+    fake = dataclasses.replace(hardware.cpu_info(), onednn=onednn)
+    monkeypatch.setattr(hardware, "cpu_info", lambda: fake)
+    hub_checkpoint("tests/serve-probe", hf_gpt2(vocab_size=50257, n_embd=16, n_head=2, bos_token_id=50256,
+                                                eos_token_id=50256), tokenizer=True)
+    model = build_app("tests/serve-probe", max_batch=2).state.scheduler.model
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert bool(packed) == onednn
+    if not onednn:
+        assert all(isinstance(m, torch.nn.Linear) for m in (model.lm_head, model.transformer.h[0].mlp.c_fc))
