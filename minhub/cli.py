@@ -269,8 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("seed", "random seed"),
     ]:
         from_base = name in TrainConfig.BASE_FIELDS or name == "block_size"
-        tr.add_argument("--" + name.replace("_", "-"), type=int, default=None if from_base else getattr(defaults, name),
-                        help=help_text + (f"; default {getattr(defaults, name)}" if from_base else ""))
+        default = TrainConfig.SCRATCH_DEFAULTS.get(name, getattr(defaults, name))
+        tr.add_argument("--" + name.replace("_", "-"), type=int, default=None if from_base else default,
+                        help=help_text + (f"; default {default}" if from_base else ""))
     for name, help_text in [("dropout", "gpt2 dropout"), ("lr", "peak learning rate"), ("min_lr", "final lr"),
                             ("weight_decay", "AdamW weight decay (matrices only)"), ("beta1", "AdamW beta1"),
                             ("beta2", "AdamW beta2"), ("grad_clip", "max gradient norm, 0 disables"),
@@ -278,8 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
         fine_tune_default = name in ("lr", "min_lr")
         tr.add_argument("--" + name.replace("_", "-"), type=float,
                         default=None if fine_tune_default else getattr(defaults, name),
-                        help=help_text + (f"; default {getattr(defaults, name)} ({TrainConfig.FINE_TUNE_LR} with "
-                                          "--init-from)" if fine_tune_default else ""))
+                        help=help_text + (f"; default {TrainConfig.SCRATCH_DEFAULTS[name]} ({TrainConfig.FINE_TUNE_LR} "
+                                          "with --init-from)" if fine_tune_default else ""))
     tr.add_argument("--token-dtype", choices=("auto", "uint16", "uint32"), default=defaults.token_dtype)
     tr.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:1, mps")
     tr.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=defaults.dtype,

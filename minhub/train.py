@@ -45,7 +45,7 @@ class TrainConfig:
     n_layer: int = 6
     n_head: int = 6
     n_embd: int = 384
-    block_size: int = 256
+    block_size: int | None = None  # None: 256, or with init_from the base's context
     dropout: float = 0.0  # gpt2 only
     dim_head: int = 64  # gpt4 only
     alibi_num_heads: int | None = None  # gpt4: default half the heads
@@ -53,8 +53,8 @@ class TrainConfig:
     batch_size: int = 32
     grad_accum: int = 1
     max_steps: int = 5000
-    lr: float = 1e-3
-    min_lr: float = 1e-4
+    lr: float | None = None  # None: 1e-3, or with init_from FINE_TUNE_LR
+    min_lr: float | None = None  # None: 1e-4, or with init_from lr (constant)
     warmup_steps: int = 100
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -81,6 +81,7 @@ class TrainConfig:
     # what --init-from takes from the base model (given together with it, they are an error)
     BASE_FIELDS = ("model", "tokenizer", "n_layer", "n_head", "n_embd", "dim_head", "alibi_num_heads")
     FINE_TUNE_LR = 3e-5  # nanoGPT's finetune_shakespeare: a small, constant learning rate
+    SCRATCH_DEFAULTS = {"block_size": 256, "lr": 1e-3, "min_lr": 1e-4}  # what None means for a run from scratch
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -253,10 +254,22 @@ def load_base(config: TrainConfig):
         tokenizer = tokenizer_from_pretrained(config.init_from, base.commit_hash or config.revision)
     except (hub.LoadError, ValueError, OSError) as e:
         raise TrainError(f"--init-from {config.init_from}: {e}") from e
-    if not 2 <= config.block_size <= base.config.n_positions:
-        raise TrainError(f"block_size must be in [2, {base.config.n_positions}] (the context of {config.init_from}), "
-                         f"got {config.block_size}")
     return base, tokenizer
+
+
+def with_defaults(config: TrainConfig, base: nn.Module | None) -> TrainConfig:
+    """Fill the fields left None: from scratch SCRATCH_DEFAULTS; from a base model its context as block_size and
+    FINE_TUNE_LR, constant. A block_size past the base's context is a TrainError."""
+    from dataclasses import replace
+
+    if base is None:
+        return replace(config, **{k: v for k, v in TrainConfig.SCRATCH_DEFAULTS.items() if getattr(config, k) is None})
+    context = base.config.n_positions
+    block_size = context if config.block_size is None else config.block_size
+    if not 2 <= block_size <= context:
+        raise TrainError(f"block_size must be in [2, {context}] (the context of {config.init_from}), got {block_size}")
+    lr = TrainConfig.FINE_TUNE_LR if config.lr is None else config.lr
+    return replace(config, block_size=block_size, lr=lr, min_lr=lr if config.min_lr is None else config.min_lr)
 
 
 def fine_tune_model(base_config, state_dict: dict[str, torch.Tensor], config: TrainConfig) -> nn.Module:
@@ -475,13 +488,16 @@ def train(config: TrainConfig, callback: Callable[[int, dict], None] | None = No
     main_process = rank == 0
     device = _device(config, local_rank)
     out = Path(config.out)
-    resumed = check_run_directory(out, config)
-    if resumed is not None:  # the run's own settings, except how long and where to go on
+    base = base_tokenizer = resumed = None
+    if config.resume:  # the run's own settings, except how long and where to go on
+        resumed = check_run_directory(out, config)
         keep = ("max_steps", "eval_every", "eval_steps", "save_every", "device", "resume", "compile")
         config = TrainConfig(**{**resumed["config"], **{k: getattr(config, k) for k in keep}})
-    base = base_tokenizer = None
-    if config.init_from is not None and resumed is None:
-        base, base_tokenizer = load_base(config)  # before anything is written: a bad base leaves no trace
+    else:
+        if config.init_from is not None:
+            base, base_tokenizer = load_base(config)  # before anything is written: a bad base leaves no trace
+        config = with_defaults(config, base)
+        check_run_directory(out, config)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("batch_size", "grad_accum", "max_steps", "block_size", "eval_every", "eval_steps"):
         if getattr(config, name) <= 0:
@@ -619,10 +635,8 @@ def train(config: TrainConfig, callback: Callable[[int, dict], None] | None = No
 
 
 def config_from_args(args: Any) -> TrainConfig:
-    """TrainConfig from argparse's namespace (flags are the fields with dashes; None: not given).
-
-    With --init-from, the base model's fields (TrainConfig.BASE_FIELDS) must not be given, block_size defaults to
-    the base's context and lr / min_lr to FINE_TUNE_LR."""
+    """TrainConfig from argparse's namespace (flags are the fields with dashes; None: not given). With --init-from,
+    the base model's fields (TrainConfig.BASE_FIELDS) must not be given."""
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
     if given.get("init_from") is not None:
         clashing = [name for name in TrainConfig.BASE_FIELDS if name in given]
@@ -630,20 +644,6 @@ def config_from_args(args: Any) -> TrainConfig:
             flags = ", ".join("--" + name.replace("_", "-") for name in clashing)
             raise TrainError(f"{flags} come from the base model with --init-from: drop them (--block-size, "
                              "--dropout and the optimisation settings may be set)")
-        given.setdefault("lr", TrainConfig.FINE_TUNE_LR)
-        given.setdefault("min_lr", given["lr"])
-        if "block_size" not in given and not getattr(args, "resume", False):
-            given["block_size"] = base_context(given["init_from"], given.get("revision"))
     elif given.get("revision") is not None:
         raise TrainError("--revision is the revision of --init-from: give --init-from too")
     return TrainConfig(**given)
-
-
-def base_context(identifier: str, revision: str | None) -> int:
-    """n_positions of the base model's config.json (a TrainError when it cannot be read)."""
-    from minhub import hub
-
-    try:
-        return int(hub.read_config(hub.CheckpointFiles(identifier, revision)).get("n_positions", 1024))
-    except (hub.LoadError, ValueError, OSError) as e:
-        raise TrainError(f"--init-from {identifier}: {e}") from e
