@@ -1,4 +1,5 @@
-"""Test setup: every test runs offline against a temporary Hugging Face cache.
+"""Test setup: every test runs offline against a temporary Hugging Face cache, and measures this CPU's matmul plan
+(minhub.matmul) into a temporary minhub cache, once per session.
 
 huggingface_hub reads HF_HUB_OFFLINE and HF_HUB_CACHE once, when it is first imported, so they are set here, before
 any test module imports it. The caller's own values are kept for the opt-in network test.
@@ -11,10 +12,14 @@ import tempfile
 
 ORIGINAL_ENV = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "HF_HOME")}
 HF_CACHE = tempfile.mkdtemp(prefix="minhub-hf-cache-")
+MINHUB_CACHE = tempfile.mkdtemp(prefix="minhub-cache-")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_CACHE"] = HF_CACHE
+os.environ["MINHUB_CACHE"] = MINHUB_CACHE  # subprocesses (CLI tests) share it: the plan is measured once
+os.environ.pop("MINHUB_MATMUL", None)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 atexit.register(shutil.rmtree, HF_CACHE, True)
+atexit.register(shutil.rmtree, MINHUB_CACHE, True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -29,4 +34,6 @@ def pytest_report_header(config):
     """Which CPU branches this run takes: tests that need a feature skip with its name, the rest fake its absence."""
     from minhub import hardware
 
-    return f"cpu: {hardware.cpu_info().describe()}"
+    from minhub import matmul
+
+    return [f"cpu: {hardware.cpu_info().describe()}", f"matmul plan: {matmul.plan().describe()}"]
