@@ -291,6 +291,7 @@ def hub_to_minhub_state_dict(state_dict: dict[str, torch.Tensor], model: GPT2) -
 
 def _files(identifier, revision, device, **hub_options) -> CheckpointFiles:
     hardware.check_device(device)  # before any file is read
+    matmul.setting()
     return CheckpointFiles(identifier, revision, **hub_options)
 
 

@@ -92,13 +92,19 @@ def machine_key() -> str:
 _plans: dict[str, MatmulPlan] = {}  # per process, by machine key
 
 
+def setting() -> str:
+    """MINHUB_MATMUL: "auto" (the default: measure once per machine) or "blas" (nn.Linear as it is); else ValueError."""
+    value = os.environ.get("MINHUB_MATMUL", "auto")
+    if value not in ("auto", "blas"):
+        raise ValueError(f"MINHUB_MATMUL={value!r}: use auto (the fastest kernels, measured once per machine; the "
+                         "default) or blas (nn.Linear's BLAS always)")
+    return value
+
+
 def plan() -> MatmulPlan:
     """This machine's plan: from the disk cache, else measured now (and the kernel built) and written there."""
-    if os.environ.get("MINHUB_MATMUL", "auto") == "blas":
+    if setting() == "blas":
         return BLAS_ONLY
-    if os.environ.get("MINHUB_MATMUL", "auto") != "auto":
-        raise ValueError(f"MINHUB_MATMUL={os.environ['MINHUB_MATMUL']!r}: use auto (measure once per machine, the "
-                         "default) or blas (always BLAS)")
     key = machine_key()
     if key not in _plans:
         _plans[key] = _cached_or_measured(key)
