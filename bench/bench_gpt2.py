@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import resource
 import statistics
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from minhub import generate, generation, gpt2_from_pretrained, hardware
+from minhub import generate, generation, gpt2_from_pretrained, hardware, matmul
 
 
 def write_random_gpt2(directory: Path) -> Path:
@@ -72,6 +73,16 @@ def matrix_read_gbs(model, rounds: int = 7) -> float:
     matrices = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     best = min(_timed(lambda: [w.sum() for w in matrices]) for _ in range(rounds))
     return sum(w.numel() * w.element_size() for w in matrices) / best / 1e9
+
+
+def blas_only(model_dir: Path):
+    """The model as it loaded before minhub.matmul: nn.Linear, BLAS for every product (MINHUB_MATMUL=blas)."""
+    previous = os.environ.get("MINHUB_MATMUL")
+    os.environ["MINHUB_MATMUL"] = "blas"
+    try:
+        return gpt2_from_pretrained(model_dir)
+    finally:
+        os.environ.pop("MINHUB_MATMUL") if previous is None else os.environ.update(MINHUB_MATMUL=previous)
 
 
 def stepwise_logits(model, idx: torch.Tensor) -> torch.Tensor:
@@ -160,6 +171,7 @@ def main() -> None:
     bytes_per_token = weight_bytes - model.transformer.wpe.weight.numel() * 4  # one wpe row per token is negligible
 
     print(f"machine: {machine()}")
+    print(f"matmul plan (minhub.matmul, measured once per machine): {matmul.plan().describe()}")
     bw = bandwidth_gbs()
     roofline = bw * 1e9 / bytes_per_token
     print(f"read bandwidth {bw:.1f} GB/s; weights {weight_bytes / 1e6:.0f} MB; fp32 batch-1 roofline "
@@ -184,6 +196,7 @@ def main() -> None:
 
     rows = []
     g = torch.Generator().manual_seed(0)
+    blas = blas_only(model_dir)
     reduced = {"bf16": gpt2_from_pretrained(model_dir, dtype=torch.bfloat16),  # unpacked: what runs everywhere
                "int8": quantize_int8(gpt2_from_pretrained(model_dir))}
     if "minhub bf16 packed" not in unavailable:
@@ -197,12 +210,15 @@ def main() -> None:
         # identical outputs first: a fast path that changes the tokens is not a speed-up
         prompt = torch.randint(0, 50257, (1, 32), generator=g)
         assert torch.equal(ours(model, prompt, 32), theirs(ref, prompt, 32)), "greedy tokens differ"
+        assert torch.equal(ours(blas, prompt, 32), theirs(ref, prompt, 32)), "greedy tokens differ (BLAS only)"
 
         for batch in (1, 8):
             idx = torch.randint(0, 50257, (batch, 32), generator=g)
             fp32_packed = prepack(gpt2_from_pretrained(model_dir), torch.float32, batch)
+            assert torch.equal(ours(model, idx, 16), theirs(ref, idx, 16)), f"greedy tokens differ at batch {batch}"
             assert torch.equal(ours(fp32_packed, idx, 16), ours(model, idx, 16)), "packed fp32 tokens differ"
-            variants = {"minhub fp32": (ours, model), "minhub fp32 compiled": (ours, compiled),
+            variants = {"minhub fp32": (ours, model), "minhub fp32 BLAS only": (ours, blas),
+                        "minhub fp32 compiled": (ours, compiled),
                         "minhub fp32 packed": (ours, fp32_packed), "minhub bf16": (ours, reduced["bf16"]),
                         "minhub bf16 packed": (ours, reduced.get("bf16 packed")), "minhub int8": (ours, reduced["int8"]),
                         "minhub int8 compiled": (ours, int8_compiled), "transformers fp32": (theirs, ref)}
@@ -225,13 +241,13 @@ def main() -> None:
             r = paired({name: (lambda fn=fn, m=m: rate(fn, m)) for name, (fn, m) in variants.items()}, args.rounds)
             base = r["transformers fp32"]
             print(f"decode batch {batch} (tok/s): " + ", ".join(f"{k} {v:.1f}" for k, v in r.items()), flush=True)
-            for name in ("minhub fp32", "minhub fp32 compiled", "minhub fp32 packed", "minhub bf16",
+            for name in ("minhub fp32", "minhub fp32 BLAS only", "minhub fp32 compiled", "minhub fp32 packed", "minhub bf16",
                          "minhub bf16 packed", "minhub int8", "minhub int8 compiled"):
                 label = f"decode, batch {batch}, {name} (tok/s)"
                 rows.append((label, r[name], base, r[name] / base) if name in r
                             else (label, f"unavailable: {unavailable[name]}", base, None))
             if batch == 1:
-                for name in ("minhub fp32", "minhub fp32 compiled"):
+                for name in ("minhub fp32", "minhub fp32 BLAS only", "minhub fp32 compiled"):
                     if name not in r:
                         continue
                     print(f"  {name}: {r[name] / roofline:.0%} of the 1 GiB-read roofline, "
