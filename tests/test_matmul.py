@@ -219,3 +219,18 @@ def test_minhub_matmul_blas_gives_plain_linears_and_nonsense_is_refused(checkpoi
 def test_models_on_other_dtypes_are_left_alone(checkpoint):
     model = gpt2_from_pretrained(checkpoint, dtype=torch.bfloat16)
     assert not any(isinstance(m, CPULinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("plan_name", ["blas + onednn", "reduction + onednn"])
+def test_the_loader_lays_the_hub_matrices_out_for_the_plan(checkpoint, reference, plan_name, monkeypatch):
+    plan = forced_plan(plan_name)
+    monkeypatch.setitem(matmul._plans, matmul.machine_key(), plan)  # what this machine's measurement would say
+    model = gpt2_from_pretrained(checkpoint)
+    c_fc = model.transformer.h[0].mlp.c_fc
+    assert isinstance(c_fc, CPULinear) and c_fc.plan == plan
+    # the hub stores (in, out): kept as it is (a column-major view) for BLAS, read transposed for the reduction
+    assert c_fc.weight.is_contiguous() == plan.row_major
+    assert torch.equal(c_fc.weight, reference.transformer.h[0].mlp.c_fc.weight.t())
+    idx = torch.randint(0, VOCAB, (1, 30))
+    with torch.inference_mode():
+        assert (stepwise_logits(model, idx) - reference(idx).logits).abs().max().item() <= 1e-4
