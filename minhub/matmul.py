@@ -46,6 +46,7 @@ from minhub import hardware
 log = logging.getLogger("minhub")
 
 FEW_ROWS = 16  # up to this many rows count as "batched decoding"; more (a prompt) always go to BLAS
+KERNEL_FILE = "one_row_reduction.pt2"
 PLAN_VERSION = 1  # bump when the candidates or the kernel change: older plans are measured again
 
 
@@ -117,15 +118,24 @@ def _cached_or_measured(key: str) -> MatmulPlan:
     try:
         saved = json.loads(path.read_text())
         cached = MatmulPlan(**{**saved, "notes": tuple(saved.get("notes", ()))})
-        if cached.kernel is None or Path(cached.kernel).is_file():
-            return cached
-    except (OSError, ValueError, TypeError):
-        pass  # none yet, or unreadable: measure again
+        if cached.kernel is not None:
+            load_kernel(cached.kernel)  # a kernel that is gone or no longer loads is built and measured again
+        return cached
+    except FileNotFoundError:
+        pass  # the first load on this machine
+    except Exception as e:  # an unreadable plan or kernel: measure again rather than fail the load
+        log.warning("minhub: the saved matmul plan in %s is unusable (%s: %s); measuring again", directory,
+                    type(e).__name__, e)
+        (directory / KERNEL_FILE).unlink(missing_ok=True)
     log.warning("minhub: measuring this CPU's matrix kernels, once per machine (up to 30 s when it builds one); "
-                "the result is kept in %s", directory)
+                "the result is kept in %s (delete it to measure again)", directory)
     measured = measure(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, json.dumps(asdict(measured), indent=2).encode())
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_atomically(path, json.dumps(asdict(measured), indent=2).encode())
+    except OSError as e:
+        log.warning("minhub: could not save the matmul plan (%s): every process will measure again; point "
+                    "MINHUB_CACHE at a writable directory", e)
     log.warning("minhub: %s", measured.describe())
     return measured
 
@@ -196,7 +206,7 @@ def measure(directory: Path, rounds: int = 5) -> MatmulPlan:
     than the caches hold) and return the fastest for one row and for FEW_ROWS rows; builds the kernel if needed."""
     info = hardware.cpu_info()
     notes = []
-    kernel_path = directory / "one_row_reduction.pt2"
+    kernel_path = directory / KERNEL_FILE
     kernel = None
     if not info.can_compile:
         notes.append("no reduction kernel: " + ("no C++ compiler" if info.cxx is None else "no Python.h"))

@@ -23,7 +23,7 @@ VOCAB = 101
 def kernel_path() -> str | None:
     """The session's reduction kernel (built by the plan's measurement where a compiler exists)."""
     matmul.plan()
-    path = matmul.cache_dir() / matmul.machine_key() / "one_row_reduction.pt2"
+    path = matmul.cache_dir() / matmul.machine_key() / matmul.KERNEL_FILE
     return str(path) if path.is_file() else None
 
 
@@ -159,7 +159,7 @@ def test_the_plan_is_measured_once_and_read_back(tmp_path, monkeypatch):
     first = matmul.plan()
     saved = tmp_path / matmul.machine_key() / "plan.json"
     if first.one_row == "reduction":
-        assert first.kernel == str(tmp_path / matmul.machine_key() / "one_row_reduction.pt2")
+        assert first.kernel == str(tmp_path / matmul.machine_key() / matmul.KERNEL_FILE)
     assert json.loads(saved.read_text())["one_row"] == first.one_row
     assert set(first.measured_gbs) >= {"one row: blas", "8 rows: blas"}
 
@@ -176,6 +176,32 @@ def test_the_plan_is_measured_once_and_read_back(tmp_path, monkeypatch):
     monkeypatch.setattr(matmul, "measure", lambda directory: remeasured)
     assert matmul.plan() == remeasured
     assert json.loads(saved.read_text())["notes"] == ["measured again"]
+
+
+def test_a_saved_kernel_that_does_not_load_is_measured_again(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("MINHUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(matmul, "_plans", {})
+    directory = tmp_path / matmul.machine_key()
+    directory.mkdir()
+    kernel = directory / matmul.KERNEL_FILE
+    kernel.write_bytes(b"not a package")  # e.g. truncated by a full disk
+    saved = MatmulPlan(one_row="reduction", kernel=str(kernel))
+    (directory / "plan.json").write_text(json.dumps(dataclasses.asdict(saved)))
+    remeasured = MatmulPlan(notes=("measured again",))
+    monkeypatch.setattr(matmul, "measure", lambda directory: remeasured)
+    assert matmul.plan() == remeasured
+    assert not kernel.exists()  # deleted, so that the measurement builds it again
+    assert "unusable" in caplog.text
+
+
+def test_an_unwritable_cache_still_gives_a_plan(tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("MINHUB_CACHE", str(blocker / "cache"))  # a directory under a file cannot be made
+    monkeypatch.setattr(matmul, "_plans", {})
+    fake_cpu(monkeypatch, cxx=None)
+    assert matmul.plan().one_row == "blas"
+    assert "MINHUB_CACHE" in caplog.text
 
 
 def fake_cpu(monkeypatch, **changes) -> None:
