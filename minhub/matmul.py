@@ -25,6 +25,7 @@ more rows, CPULinear is nn.Linear. minhub's loaders call it; MINHUB_MATMUL=blas 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -121,12 +122,13 @@ def _cached_or_measured(key: str) -> MatmulPlan:
         if cached.kernel is not None:
             load_kernel(cached.kernel)  # a kernel that is gone or no longer loads is built and measured again
         return cached
-    except FileNotFoundError:
-        pass  # the first load on this machine
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # the first load on this machine (or a cache that cannot exist: see below)
     except Exception as e:  # an unreadable plan or kernel: measure again rather than fail the load
         log.warning("minhub: the saved matmul plan in %s is unusable (%s: %s); measuring again", directory,
                     type(e).__name__, e)
-        (directory / KERNEL_FILE).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (directory / KERNEL_FILE).unlink(missing_ok=True)
     log.warning("minhub: measuring this CPU's matrix kernels, once per machine (up to 30 s when it builds one); "
                 "the result is kept in %s (delete it to measure again)", directory)
     measured = measure(directory)
