@@ -384,14 +384,15 @@ def gpt2_from_pretrained(
         raise ConfigError(str(e)) from e
     with torch.device("meta"):
         expected = GPT2(config)
-    matmul_plan = matmul.plan() if (dtype in (None, torch.float32) and torch.device(device or "cpu").type == "cpu") \
-        else None
-    # the hub stores GPT-2's matrices (in, out), that is column-major for nn.Linear; a row-major plan wants them
-    # re-laid out, which is done as they are read, one at a time
-    row_major = matmul_plan is not None and matmul_plan.row_major
+    dtype = dtype or torch.float32
+    on_cpu = torch.device(device or "cpu").type == "cpu"
+    matmul_plan = matmul.plan() if on_cpu and dtype in (torch.float32, torch.bfloat16) else matmul.BLAS_ONLY
+    # the hub stores GPT-2's matrices (in, out), that is column-major for nn.Linear; when the plan wants them
+    # row-major they are re-laid out as they are read, one at a time
+    row_major = matmul_plan != matmul.BLAS_ONLY and matmul_plan.row_major_for(dtype)
     state_dict = load_state_dict(files, transpose=CONV1D_WEIGHTS if row_major else ())
     hub_to_minhub_state_dict(state_dict, expected)  # names every misfit; the model file then does the mapping
-    model = gpt2_from_state_dict(config, state_dict).to(device=device, dtype=dtype or torch.float32)
+    model = gpt2_from_state_dict(config, state_dict).to(device=device, dtype=dtype)
     del state_dict  # the model holds the tensors now: a weight re-laid out by use_fastest frees its old storage
     matmul.use_fastest(model, matmul_plan)
     model.name_or_path, model.commit_hash = files.identifier, files.commit_hash

@@ -47,7 +47,7 @@ from minhub import hardware
 log = logging.getLogger("minhub")
 
 FEW_ROWS = 16  # up to this many rows count as "batched decoding"; more (a prompt) always go to BLAS
-KERNEL_FILE = "one_row_reduction.pt2"
+KERNEL_FILES = {torch.float32: "one_row_reduction.pt2", torch.bfloat16: "one_row_reduction_bf16.pt2"}
 PLAN_VERSION = 1  # bump when the candidates or the kernel change: older plans are measured again
 
 
@@ -55,22 +55,33 @@ PLAN_VERSION = 1  # bump when the candidates or the kernel change: older plans a
 class MatmulPlan:
     """Which kernel multiplies float32 activations by a weight matrix on this machine, and what was measured."""
 
-    one_row: str = "blas"  # "blas" or "reduction"
-    few_rows: str = "blas"  # "blas" or "onednn"
-    kernel: str | None = None  # path of the reduction kernel's package, when one_row is "reduction"
+    one_row: str = "blas"  # float32, one row: "blas" or "reduction"
+    few_rows: str = "blas"  # float32, 2 to FEW_ROWS rows: "blas" or "onednn"
+    kernel: str | None = None  # the float32 reduction kernel's package, when one_row is "reduction"
+    one_row_bf16: str = "blas"  # bfloat16, one row: "blas" or "reduction"
+    kernel_bf16: str | None = None  # its package, when one_row_bf16 is "reduction"
     measured_gbs: dict[str, float] = field(default_factory=dict)  # weight bytes read per second, per candidate
     notes: tuple[str, ...] = ()  # why a candidate was not measured
 
-    @property
-    def row_major(self) -> bool:
-        """The reduction kernel reads W (out, in) row by row; BLAS prefers the hub's (in, out) storage on some CPUs."""
-        return self.one_row == "reduction"
+    def kernel_for(self, dtype: torch.dtype) -> str | None:
+        """The reduction kernel's package for one row of `dtype`, or None where BLAS does it."""
+        if dtype == torch.float32:
+            return self.kernel if self.one_row == "reduction" else None
+        if dtype == torch.bfloat16:
+            return self.kernel_bf16 if self.one_row_bf16 == "reduction" else None
+        return None
+
+    def row_major_for(self, dtype: torch.dtype) -> bool:
+        """Whether weights of `dtype` should be row-major, (out, in), rather than the hub's GPT-2 (in, out): the
+        reduction kernel reads them row by row, and PyTorch's own bf16 matrix-vector product is several times
+        faster on them; fp32 BLAS reads either (MKL prefers (in, out) on some CPUs)."""
+        return dtype == torch.bfloat16 or self.kernel_for(dtype) is not None
 
     def describe(self) -> str:
         """One line: the choice and the figures behind it."""
         figures = ", ".join(f"{k} {v:.1f}" for k, v in self.measured_gbs.items())
-        return (f"one row: {self.one_row}, {FEW_ROWS} rows or fewer: {self.few_rows} (GB/s read: {figures or 'none'})"
-                + "".join(f"; {n}" for n in self.notes))
+        return (f"float32 one row: {self.one_row}, {FEW_ROWS} rows or fewer: {self.few_rows}; bfloat16 one row: "
+                f"{self.one_row_bf16} (GB/s read: {figures or 'none'})" + "".join(f"; {n}" for n in self.notes))
 
 
 BLAS_ONLY = MatmulPlan(notes=("MINHUB_MATMUL=blas",))
@@ -119,16 +130,18 @@ def _cached_or_measured(key: str) -> MatmulPlan:
     try:
         saved = json.loads(path.read_text())
         cached = MatmulPlan(**{**saved, "notes": tuple(saved.get("notes", ()))})
-        if cached.kernel is not None:
-            load_kernel(cached.kernel)  # a kernel that is gone or no longer loads is built and measured again
+        for kernel in (cached.kernel, cached.kernel_bf16):
+            if kernel is not None:
+                load_kernel(kernel)  # a kernel that is gone or no longer loads is built and measured again
         return cached
     except (FileNotFoundError, NotADirectoryError):
         pass  # the first load on this machine (or a cache that cannot exist: see below)
     except Exception as e:  # an unreadable plan or kernel: measure again rather than fail the load
         log.warning("minhub: the saved matmul plan in %s is unusable (%s: %s); measuring again", directory,
                     type(e).__name__, e)
-        with contextlib.suppress(OSError):
-            (directory / KERNEL_FILE).unlink(missing_ok=True)
+        for name in KERNEL_FILES.values():
+            with contextlib.suppress(OSError):
+                (directory / name).unlink(missing_ok=True)
     log.warning("minhub: measuring this CPU's matrix kernels, once per machine (up to 30 s when it builds one); "
                 "the result is kept in %s (delete it to measure again)", directory)
     measured = measure(directory)
@@ -154,21 +167,22 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 class OneRowReduction(nn.Module):
     """What the kernel computes: one token's activations x (1, 1, k) times W (n, k) row-major, plus b (n,), giving
-    (1, 1, n); exported with symbolic n and k and compiled once."""
+    (1, 1, n), summed in float32 whatever the dtype (as BLAS does); exported with symbolic n and k and compiled once
+    per dtype."""
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         n, k = weight.shape
         # as_strided, unlike a broadcast, makes inductor read x from a buffer rather than inline its producer
         rows = torch.as_strided(x, (1, 1, n, k), (k, k, 0, 1))
-        return (rows * weight).sum(-1) + bias
+        return ((rows.float() * weight.float()).sum(-1) + bias.float()).to(x.dtype)
 
 
-def build_kernel(path: Path) -> None:
-    """Export OneRowReduction for every n and k, compile it to C++ with AOTInductor, and package it at `path`."""
+def build_kernel(path: Path, dtype: torch.dtype = torch.float32) -> None:
+    """Export OneRowReduction for every n and k in `dtype`, compile it to C++ with AOTInductor, package it at `path`."""
     import torch._inductor
 
     n, k = torch.export.Dim("n", min=2), torch.export.Dim("k", min=2)
-    example = (torch.ones(1, 1, 64), torch.ones(32, 64), torch.ones(32))
+    example = (torch.ones(1, 1, 64, dtype=dtype), torch.ones(32, 64, dtype=dtype), torch.ones(32, dtype=dtype))
     program = torch.export.export(OneRowReduction(), example,
                                   dynamic_shapes={"x": {2: k}, "weight": {0: n, 1: k}, "bias": {0: n}})
     tmp = path.with_name(f".{os.getpid()}.{path.name}")  # AOTInductor wants the .pt2 suffix
@@ -181,7 +195,8 @@ def build_kernel(path: Path) -> None:
 @functools.cache
 def load_kernel(path: str) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
     """The packaged kernel, loaded once per process (milliseconds: no inductor import, no compilation). It takes
-    [x (1, 1, k), W (n, k), b (n,)], all contiguous float32 CPU tensors, and returns [(1, 1, n)]."""
+    [x (1, 1, k), W (n, k), b (n,)], all contiguous CPU tensors of the dtype it was built for, and returns
+    [(1, 1, n)]."""
     loader = torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, -1)
     return loader.run
 
@@ -204,26 +219,28 @@ def _timed_rounds(candidates: dict[str, Callable[[], object]], rounds: int) -> d
 
 
 def measure(directory: Path, rounds: int = 5) -> MatmulPlan:
-    """Time every candidate this machine can run on GPT-2 124M's matrix shapes (four layers, about 110 MB, more
-    than the caches hold) and return the fastest for one row and for FEW_ROWS rows; builds the kernel if needed."""
+    """Time every candidate this machine can run on GPT-2 124M's matrix shapes (four layers, about 110 MB in
+    float32, more than the caches hold) and return the fastest for one row and for FEW_ROWS rows in float32, and for
+    one row in bfloat16; builds the kernels if needed."""
     info = hardware.cpu_info()
     notes = []
-    kernel_path = directory / KERNEL_FILE
-    kernel = None
+    kernels = {}
     if not info.can_compile:
         notes.append("no reduction kernel: " + ("no C++ compiler" if info.cxx is None else "no Python.h"))
     else:
-        try:
-            if not kernel_path.is_file():
-                directory.mkdir(parents=True, exist_ok=True)
-                build_kernel(kernel_path)
-            kernel = load_kernel(str(kernel_path))
-        except Exception as e:  # a broken toolchain must not stop loading: BLAS still works
-            notes.append(f"no reduction kernel: building it failed ({type(e).__name__}: {str(e)[:200]})")
+        for dtype, name in KERNEL_FILES.items():
+            try:
+                if not (directory / name).is_file():
+                    directory.mkdir(parents=True, exist_ok=True)
+                    build_kernel(directory / name, dtype)
+                kernels[dtype] = load_kernel(str(directory / name))
+            except Exception as e:  # a broken toolchain must not stop loading: BLAS still works
+                notes.append(f"no {dtype} reduction kernel: building it failed ({type(e).__name__}: {str(e)[:200]})")
     if not info.onednn:
         notes.append("no oneDNN in this torch")
 
     shapes = [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 4  # (out, in)
+    seconds = {}
     with torch.inference_mode():
         # values do not matter for speed, but all-zero pages may all map to one physical page: fill them
         row_major = [torch.full(s, 0.01) for s in shapes]
@@ -231,26 +248,43 @@ def measure(directory: Path, rounds: int = 5) -> MatmulPlan:
         biases = [torch.full(s[:1], 0.01) for s in shapes]
         one = {k: torch.full((1, 1, k), 0.5) for k in (768, 3072)}
         few = {k: torch.full((8, k), 0.5) for k in (768, 3072)}
-        weight_bytes = sum(w.numel() * 4 for w in row_major)
 
-        def run(fn, weights, x):
-            return lambda: [fn(x[w.size(1)], w, b) for w, b in zip(weights, biases)]
+        def run(fn, weights, x, bias=biases):
+            return lambda: [fn(x[w.size(1)], w, b) for w, b in zip(weights, bias)]
+
+        def fastest(candidates: dict[str, Callable[[], object]]) -> str:
+            seconds.update(_timed_rounds(candidates, rounds))
+            return min(candidates, key=seconds.get).rpartition(": ")[2]
 
         candidates = {"one row: blas": run(F.linear, col_major, one)}
-        if kernel is not None:
-            candidates["one row: reduction"] = run(lambda x, w, b: kernel([x, w, b]), row_major, one)
-        one_row = _timed_rounds(candidates, rounds)
-        best_one = min(one_row, key=one_row.get).removeprefix("one row: ")
+        if torch.float32 in kernels:
+            candidates["one row: reduction"] = run(lambda x, w, b: kernels[torch.float32]([x, w, b]), row_major, one)
+        best_one = fastest(candidates)
         weights = row_major if best_one == "reduction" else col_major
         candidates = {"8 rows: blas": run(F.linear, weights, few)}
         if info.onednn:
             candidates["8 rows: onednn"] = run(onednn_linear, weights, few)
-        few_rows = _timed_rounds(candidates, rounds)
-        best_few = min(few_rows, key=few_rows.get).removeprefix("8 rows: ")
-    del row_major, col_major
-    measured = {name: weight_bytes / seconds / 1e9 for name, seconds in {**one_row, **few_rows}.items()}
-    return MatmulPlan(one_row=best_one, few_rows=best_few, kernel=str(kernel_path) if best_one == "reduction" else None,
-                      measured_gbs={k: round(v, 2) for k, v in measured.items()}, notes=tuple(notes))
+        best_few = fastest(candidates)
+        del col_major, weights
+
+        weights = [w.to(torch.bfloat16) for w in row_major]
+        del row_major
+        bf16_biases = [b.to(torch.bfloat16) for b in biases]
+        one = {k: x.to(torch.bfloat16) for k, x in one.items()}
+        candidates = {"bf16 one row: blas": run(F.linear, weights, one, bf16_biases)}
+        if torch.bfloat16 in kernels:
+            candidates["bf16 one row: reduction"] = run(lambda x, w, b: kernels[torch.bfloat16]([x, w, b]), weights,
+                                                        one, bf16_biases)
+        best_bf16 = fastest(candidates)
+    fp32_bytes = sum(s[0] * s[1] * 4 for s in shapes)
+    measured = {name: (fp32_bytes / 2 if name.startswith("bf16") else fp32_bytes) / t / 1e9
+                for name, t in seconds.items()}
+    return MatmulPlan(
+        one_row=best_one, few_rows=best_few,
+        kernel=str(directory / KERNEL_FILES[torch.float32]) if best_one == "reduction" else None,
+        one_row_bf16=best_bf16,
+        kernel_bf16=str(directory / KERNEL_FILES[torch.bfloat16]) if best_bf16 == "reduction" else None,
+        measured_gbs={k: round(v, 2) for k, v in measured.items()}, notes=tuple(notes))
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -263,51 +297,55 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 class CPULinear(nn.Linear):
-    """nn.Linear whose float32 CPU inference runs the kernels this machine's MatmulPlan picked (see the module
-    docstring); everything else, training included, is nn.Linear's forward."""
+    """nn.Linear whose float32 and bfloat16 CPU inference runs the kernels this machine's MatmulPlan picked (see the
+    module docstring); everything else, training included, is nn.Linear's forward."""
 
     plan: MatmulPlan = BLAS_ONLY  # set per instance by use_fastest, with the two below
-    one_row_kernel: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
-    kernel_bias: torch.Tensor | None = None  # the bias, or zeros: the kernel always adds one
+    one_row_kernels: dict[torch.dtype, Callable[[list[torch.Tensor]], list[torch.Tensor]]] = {}  # by dtype
+    kernel_biases: dict[torch.dtype, torch.Tensor] = {}  # zeros where there is no bias: the kernel always adds one
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
+        weight, bias = self.weight, self.bias
         # the cheapest tests first: this runs for every matrix of every decoded token
-        if not (x.is_cpu and x.dtype == torch.float32 and weight.is_cpu and weight.dtype == torch.float32) \
-                or torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-            return F.linear(x, weight, self.bias)
+        if not (x.is_cpu and weight.is_cpu and x.dtype == weight.dtype) or torch.compiler.is_compiling() \
+                or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            return F.linear(x, weight, bias)
         rows = x.numel() // self.in_features
-        if rows == 1 and self.one_row_kernel is not None and x.dim() == 3 and x.is_contiguous() \
-                and weight.is_contiguous():
-            bias = self.kernel_bias if self.bias is None else self.bias
-            return self.one_row_kernel([x, weight, bias])[0]
-        if 1 < rows <= FEW_ROWS and self.plan.few_rows == "onednn":
-            return onednn_linear(x, weight, self.bias)
-        return F.linear(x, weight, self.bias)
+        if rows == 1:
+            kernel = self.one_row_kernels.get(x.dtype)
+            if kernel is not None and x.dim() == 3 and x.is_contiguous() and weight.is_contiguous():
+                return kernel([x, weight, self.kernel_biases[x.dtype] if bias is None else bias])[0]
+        elif rows <= FEW_ROWS and self.plan.few_rows == "onednn" and x.dtype == torch.float32:
+            return onednn_linear(x, weight, bias)
+        return F.linear(x, weight, bias)
 
 
 def use_fastest(model: nn.Module, matmul_plan: MatmulPlan | None = None) -> nn.Module:
-    """Make `model`'s float32 CPU matrix products take this machine's fastest kernels (in place); return it.
+    """Make `model`'s float32 or bfloat16 CPU matrix products take this machine's fastest kernels (in place);
+    return it.
 
     matmul_plan: default `plan()`, measured once per machine. Every nn.Linear becomes a CPULinear (same parameters,
-    hooks and state dict); its weight is made row-major when the plan's one-row kernel reads it so (one matrix at a
-    time, so memory grows by one matrix at most). Models on other devices or in other dtypes are returned as they
-    are; one moved later simply takes nn.Linear's path.
+    hooks and state dict); its weight is made row-major when the plan wants that for the model's dtype (one matrix
+    at a time: memory grows by one matrix at most; minhub's loader reads GPT-2's weights so from the start). Models
+    on other devices, in other or mixed dtypes, are returned as they are; one moved later takes nn.Linear's path.
     """
-    params = list(model.parameters())
-    if not params or any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
+    dtypes = {p.dtype for p in model.parameters()}
+    if len(dtypes) != 1 or dtypes & {torch.float32, torch.bfloat16} != dtypes \
+            or any(p.device.type != "cpu" for p in model.parameters()):
         return model
+    dtype = dtypes.pop()
     matmul_plan = plan() if matmul_plan is None else matmul_plan
-    if matmul_plan.one_row == matmul_plan.few_rows == "blas":
+    if matmul_plan == BLAS_ONLY:
         return model  # nn.Linear already does that
+    kernels = {t: load_kernel(matmul_plan.kernel_for(t)) for t in KERNEL_FILES if matmul_plan.kernel_for(t)}
     with torch.no_grad():
         for module in model.modules():
             if type(module) in (nn.Linear, CPULinear):
-                if matmul_plan.row_major:
+                if matmul_plan.row_major_for(dtype):
                     module.weight.data = module.weight.data.contiguous()  # no copy if it already is
                 module.__class__ = CPULinear  # the same module, parameters and hooks, with another forward
                 module.plan = matmul_plan
-                if matmul_plan.one_row == "reduction" and min(module.weight.shape) >= 2:
-                    module.one_row_kernel = load_kernel(matmul_plan.kernel)
-                    module.kernel_bias = torch.zeros(module.out_features) if module.bias is None else None
+                module.one_row_kernels = kernels if min(module.weight.shape) >= 2 else {}
+                module.kernel_biases = {} if module.bias is not None else \
+                    {t: torch.zeros(module.out_features, dtype=t) for t in kernels}
     return model

@@ -20,10 +20,10 @@ CPU = hardware.cpu_info()
 VOCAB = 101
 
 
-def kernel_path() -> str | None:
-    """The session's reduction kernel (built by the plan's measurement where a compiler exists)."""
+def kernel_path(dtype: torch.dtype = torch.float32) -> str | None:
+    """The session's reduction kernel for `dtype` (built by the plan's measurement where a compiler exists)."""
     matmul.plan()
-    path = matmul.cache_dir() / matmul.machine_key() / matmul.KERNEL_FILE
+    path = matmul.cache_dir() / matmul.machine_key() / matmul.KERNEL_FILES[dtype]
     return str(path) if path.is_file() else None
 
 
@@ -45,7 +45,9 @@ def forced_plan(name: str) -> MatmulPlan:
         pytest.skip(f"the reduction kernel needs a C++ compiler; {CPU.describe()}")
     if few_rows == "onednn" and not CPU.onednn:
         pytest.skip("needs a PyTorch built with oneDNN")
-    return MatmulPlan(one_row=one_row, few_rows=few_rows, kernel=kernel_path() if one_row == "reduction" else None)
+    reduction = one_row == "reduction"
+    return MatmulPlan(one_row=one_row, few_rows=few_rows, kernel=kernel_path() if reduction else None,
+                      one_row_bf16=one_row, kernel_bf16=kernel_path(torch.bfloat16) if reduction else None)
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +161,7 @@ def test_the_plan_is_measured_once_and_read_back(tmp_path, monkeypatch):
     first = matmul.plan()
     saved = tmp_path / matmul.machine_key() / "plan.json"
     if first.one_row == "reduction":
-        assert first.kernel == str(tmp_path / matmul.machine_key() / matmul.KERNEL_FILE)
+        assert first.kernel == str(tmp_path / matmul.machine_key() / matmul.KERNEL_FILES[torch.float32])
     assert json.loads(saved.read_text())["one_row"] == first.one_row
     assert set(first.measured_gbs) >= {"one row: blas", "8 rows: blas"}
 
@@ -183,7 +185,7 @@ def test_a_saved_kernel_that_does_not_load_is_measured_again(tmp_path, monkeypat
     monkeypatch.setattr(matmul, "_plans", {})
     directory = tmp_path / matmul.machine_key()
     directory.mkdir()
-    kernel = directory / matmul.KERNEL_FILE
+    kernel = directory / matmul.KERNEL_FILES[torch.float32]
     kernel.write_bytes(b"not a package")  # e.g. truncated by a full disk
     saved = MatmulPlan(one_row="reduction", kernel=str(kernel))
     (directory / "plan.json").write_text(json.dumps(dataclasses.asdict(saved)))
@@ -212,7 +214,8 @@ def fake_cpu(monkeypatch, **changes) -> None:
 def test_without_a_compiler_one_row_stays_on_blas(tmp_path, monkeypatch):
     fake_cpu(monkeypatch, cxx=None)
     plan = matmul.measure(tmp_path)
-    assert plan.one_row == "blas" and plan.kernel is None and not plan.row_major
+    assert plan.one_row == plan.one_row_bf16 == "blas" and plan.kernel is None and plan.kernel_bf16 is None
+    assert not plan.row_major_for(torch.float32)
     assert any("no C++ compiler" in note for note in plan.notes)
     assert not list(tmp_path.glob("*.pt2"))  # nothing was built
 
@@ -243,7 +246,7 @@ def test_minhub_matmul_blas_gives_plain_linears_and_nonsense_is_refused(checkpoi
 
 
 def test_models_on_other_dtypes_are_left_alone(checkpoint):
-    model = gpt2_from_pretrained(checkpoint, dtype=torch.bfloat16)
+    model = gpt2_from_pretrained(checkpoint, dtype=torch.float16)
     assert not any(isinstance(m, CPULinear) for m in model.modules())
 
 
@@ -255,8 +258,24 @@ def test_the_loader_lays_the_hub_matrices_out_for_the_plan(checkpoint, reference
     c_fc = model.transformer.h[0].mlp.c_fc
     assert isinstance(c_fc, CPULinear) and c_fc.plan == plan
     # the hub stores (in, out): kept as it is (a column-major view) for BLAS, read transposed for the reduction
-    assert c_fc.weight.is_contiguous() == plan.row_major
+    assert c_fc.weight.is_contiguous() == plan.row_major_for(torch.float32)
     assert torch.equal(c_fc.weight, reference.transformer.h[0].mlp.c_fc.weight.t())
     idx = torch.randint(0, VOCAB, (1, 30))
     with torch.inference_mode():
         assert (stepwise_logits(model, idx) - reference(idx).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("plan_name", ["blas", "reduction + blas"])
+def test_bfloat16_decodes_close_to_float32_through_its_kernel(checkpoint, reference, plan_name, monkeypatch):
+    plan = forced_plan(plan_name)
+    monkeypatch.setenv("MINHUB_MATMUL", "blas")
+    model = matmul.use_fastest(gpt2_from_pretrained(checkpoint, dtype=torch.bfloat16), plan)
+    assert isinstance(model.lm_head, CPULinear)
+    assert model.transformer.h[0].mlp.c_fc.weight.is_contiguous()  # row-major for bf16 whatever the kernel
+    idx = torch.randint(0, VOCAB, (1, 30))
+    with torch.inference_mode():
+        ours, ref = stepwise_logits(model, idx).float(), reference(idx).logits
+    assert (ours - ref).abs().max().item() < 0.1 * ref.abs().max().item()
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.9
+    ops = ops_run(model, idx[:, :1], 30)
+    assert bool(ops & {"aten::addmm", "aten::mm"}) == (plan.kernel_bf16 is None), ops

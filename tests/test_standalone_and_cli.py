@@ -172,14 +172,20 @@ def _fake_cpu(monkeypatch, **changes):
     monkeypatch.setattr(hardware, "cpu_info", lambda: fake)
 
 
-def test_cli_bfloat16_without_onednn_bf16_is_one_line_before_any_output(gpt2_shaped_repo, capsys, monkeypatch):
+def test_cli_bfloat16_without_onednn_bf16_takes_the_default_path(gpt2_shaped_repo, capsys, monkeypatch):
+    from minhub import matmul
     from minhub.cli import main
 
-    _fake_cpu(monkeypatch, onednn_bf16=False, model="an AVX2-only CPU")
-    assert main(["generate", gpt2_shaped_repo, "hello", "--dtype", "bfloat16"]) == 2
-    captured = capsys.readouterr()
-    assert captured.out == "" and captured.err.startswith("minhub: --dtype bfloat16 on the CPU needs oneDNN's bf16")
-    assert "use --int8" in captured.err
+    _fake_cpu(monkeypatch, onednn_bf16=False)  # as on AVX2-only CPUs: no packing, the loader's matmul plan instead
+    prompt = "The meaning of life is"
+    assert main(["generate", gpt2_shaped_repo, prompt, "--dtype", "bfloat16", "--max-new-tokens", "8",
+                 "--temperature", "0", "--ignore-eos"]) == 0
+    model = gpt2_from_pretrained(gpt2_shaped_repo, dtype=torch.bfloat16)
+    assert isinstance(model.lm_head, matmul.CPULinear)
+    tokenizer = tokenizer_from_pretrained(gpt2_shaped_repo)
+    idx = torch.tensor([tokenizer.encode(prompt).ids])
+    out = generate(model, idx, 8, temperature=0)
+    assert capsys.readouterr().out == prompt + tokenizer.decode(out[0, idx.size(1):].tolist()) + "\n"
 
 
 def test_cli_bfloat16_packs_the_weights(gpt2_shaped_repo, capsys):
