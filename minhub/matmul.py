@@ -11,6 +11,8 @@ same bytes at 24-28, and MKL's 8-row product at 5-7 GB/s where oneDNN, given the
   and AOTInductor packages (one package for every matrix shape), built once per machine: it needs a C++ compiler.
 - 2-16 rows (batched decoding): BLAS, or oneDNN's matmul on the same weight, unpacked (packing would be a second
   copy of the weights).
+- bfloat16, one row: BLAS or the same reduction kernel built for bf16 (float32 sums). bf16 weights are always made
+  row-major: PyTorch's bf16 matrix-vector product on the hub's (in, out) layout is ten times slower on AVX2.
 
 `plan()` times the candidates on weight-sized matrices in paired rounds (well under a second), once per machine
 (CPU model, instruction sets, torch version, thread count), and keeps the result and the kernel in
@@ -19,8 +21,8 @@ candidate computes the same sums in a different order: logits stay within 1e-4 o
 
 `use_fastest(model)` applies the plan: every nn.Linear becomes a `CPULinear` (the same module, parameters and hooks,
 with a forward that picks the kernel by row count), and the weights become row-major if the kernel reads them. Only
-float32 CPU inference changes path: with gradients, other dtypes, other devices, inside torch.compile, or for
-more rows, CPULinear is nn.Linear. minhub's loaders call it; MINHUB_MATMUL=blas turns it off.
+float32 and bfloat16 CPU inference changes path: with gradients, other dtypes, other devices, inside torch.compile,
+or for more rows, CPULinear is nn.Linear. minhub's loaders call it; MINHUB_MATMUL=blas turns it off.
 """
 
 from __future__ import annotations
