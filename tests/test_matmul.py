@@ -43,6 +43,8 @@ def forced_plan(name: str) -> MatmulPlan:
     one_row, few_rows = PLANS[name]
     if one_row == "reduction" and not CPU.can_compile:
         pytest.skip(f"the reduction kernel needs a C++ compiler; {CPU.describe()}")
+    if one_row == "reduction" and kernel_path() is None:
+        pytest.fail(f"a C++ compiler is here but the reduction kernel was not built: {matmul.plan().describe()}")
     if few_rows == "onednn" and not CPU.onednn:
         pytest.skip("needs a PyTorch built with oneDNN")
     reduction = one_row == "reduction"
