@@ -241,8 +241,8 @@ def main() -> None:
             r = paired({name: (lambda fn=fn, m=m: rate(fn, m)) for name, (fn, m) in variants.items()}, args.rounds)
             base = r["transformers fp32"]
             print(f"decode batch {batch} (tok/s): " + ", ".join(f"{k} {v:.1f}" for k, v in r.items()), flush=True)
-            for name in ("minhub fp32", "minhub fp32 BLAS only", "minhub fp32 compiled", "minhub fp32 packed", "minhub bf16",
-                         "minhub bf16 packed", "minhub int8", "minhub int8 compiled"):
+            for name in ("minhub fp32", "minhub fp32 BLAS only", "minhub fp32 compiled", "minhub fp32 packed",
+                         "minhub bf16", "minhub bf16 packed", "minhub int8", "minhub int8 compiled"):
                 label = f"decode, batch {batch}, {name} (tok/s)"
                 rows.append((label, r[name], base, r[name] / base) if name in r
                             else (label, f"unavailable: {unavailable[name]}", base, None))

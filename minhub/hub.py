@@ -193,9 +193,9 @@ def _read_safetensors(paths: list[Path], transpose: tuple[str, ...] = ()) -> dic
 
 def _map_safetensors(path: Path, opened, transpose: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """The tensors of one safetensors file (`opened`: its safe_open handle), memory-mapped: read from the file only
-    when used, no copy. A 2-D tensor whose name ends with one of `transpose` is instead copied into memory of its own as the transpose
-    of its transpose (same shape and values, the other storage order), and its pages leave the map at once: left
-    mapped, they would count as memory for as long as any tensor of the file lives."""
+    when used, no copy. A 2-D tensor whose name ends with one of `transpose` is instead copied into memory of its
+    own as the transpose of its transpose (same shape and values, the other storage order), and its pages leave the
+    map at once: left mapped, they would count as memory for as long as any tensor of the file lives."""
     with open(path, "rb") as file:
         header_size = int.from_bytes(file.read(8), "little")
         header = json.loads(file.read(header_size))
