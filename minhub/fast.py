@@ -32,7 +32,7 @@ import functools
 import torch
 import torch.nn as nn
 
-from minhub import generation, hardware
+from minhub import generation, hardware, matmul
 from minhub.gpt2 import GPT2
 
 
@@ -161,10 +161,7 @@ def compile_decode(model: GPT2) -> GPT2:
     options = {"cpp_wrapper": True}
     if any(p.device.type == "cpu" for p in model.parameters()):
         options["post_grad_custom_post_pass"] = one_row_matmul_as_reduction()
-        with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, nn.Linear):  # the tied lm_head shares wte's (vocab, dim) rows: already so
-                    module.weight.data = module.weight.data.contiguous()  # one matrix at a time: no second model
+        matmul.make_row_major(model)
     # dynamic=True: one graph for every cache position (and every batch size above 1), not one per position
     generation.use_decode_step(model, torch.compile(model.forward, dynamic=True, fullgraph=True, options=options))
     return model

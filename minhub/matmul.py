@@ -50,28 +50,22 @@ log = logging.getLogger("minhub")
 
 FEW_ROWS = 16  # up to this many rows count as "batched decoding"; more (a prompt) always go to BLAS
 KERNEL_FILES = {torch.float32: "one_row_reduction.pt2", torch.bfloat16: "one_row_reduction_bf16.pt2"}
-PLAN_VERSION = 2  # bump when the candidates or the kernel change: older plans are measured again
+PLAN_VERSION = 3  # bump when the candidates or the kernel change: older plans are measured again
 
 
 @dataclass(frozen=True)
 class MatmulPlan:
-    """Which kernel multiplies float32 activations by a weight matrix on this machine, and what was measured."""
+    """Which kernel multiplies activations by a weight matrix on this machine, and what was measured."""
 
-    one_row: str = "blas"  # float32, one row: "blas" or "reduction"
+    kernel: str | None = None  # float32, one row: the reduction kernel's package, or None for BLAS
+    kernel_bf16: str | None = None  # bfloat16, one row: the same, built for bf16
     few_rows: str = "blas"  # float32, 2 to FEW_ROWS rows: "blas" or "onednn"
-    kernel: str | None = None  # the float32 reduction kernel's package, when one_row is "reduction"
-    one_row_bf16: str = "blas"  # bfloat16, one row: "blas" or "reduction"
-    kernel_bf16: str | None = None  # its package, when one_row_bf16 is "reduction"
     measured_gbs: dict[str, float] = field(default_factory=dict)  # weight bytes read per second, per candidate
     notes: tuple[str, ...] = ()  # why a candidate was not measured
 
     def kernel_for(self, dtype: torch.dtype) -> str | None:
         """The reduction kernel's package for one row of `dtype`, or None where BLAS does it."""
-        if dtype == torch.float32:
-            return self.kernel if self.one_row == "reduction" else None
-        if dtype == torch.bfloat16:
-            return self.kernel_bf16 if self.one_row_bf16 == "reduction" else None
-        return None
+        return {torch.float32: self.kernel, torch.bfloat16: self.kernel_bf16}.get(dtype)
 
     def row_major_for(self, dtype: torch.dtype) -> bool:
         """Whether weights of `dtype` should be row-major, (out, in), rather than the hub's GPT-2 (in, out): the
@@ -82,11 +76,10 @@ class MatmulPlan:
     def describe(self) -> str:
         """One line: the choice and the figures behind it."""
         figures = ", ".join(f"{k} {v:.1f}" for k, v in self.measured_gbs.items())
-        return (f"float32 one row: {self.one_row}, {FEW_ROWS} rows or fewer: {self.few_rows}; bfloat16 one row: "
-                f"{self.one_row_bf16} (GB/s read: {figures or 'none'})" + "".join(f"; {n}" for n in self.notes))
-
-
-BLAS_ONLY = MatmulPlan(notes=("MINHUB_MATMUL=blas",))
+        one_row = {None: "blas"}
+        return (f"float32 one row: {one_row.get(self.kernel, 'reduction')}, {FEW_ROWS} rows or fewer: "
+                f"{self.few_rows}; bfloat16 one row: {one_row.get(self.kernel_bf16, 'reduction')} (GB/s read: "
+                f"{figures or 'none'})" + "".join(f"; {n}" for n in self.notes))
 
 
 def cache_dir() -> Path:
@@ -116,10 +109,16 @@ def setting() -> str:
     return value
 
 
+def plan_for(dtype: torch.dtype, device: str | torch.device) -> MatmulPlan | None:
+    """The plan for a model of `dtype` on `device`, or None where minhub.matmul changes nothing: other devices and
+    dtypes, or MINHUB_MATMUL=blas."""
+    if torch.device(device).type != "cpu" or dtype not in KERNEL_FILES or setting() == "blas":
+        return None
+    return plan()
+
+
 def plan() -> MatmulPlan:
     """This machine's plan: from the disk cache, else measured now (and the kernel built) and written there."""
-    if setting() == "blas":
-        return BLAS_ONLY
     key = machine_key()
     if key not in _plans:
         _plans[key] = _cached_or_measured(key)
@@ -282,11 +281,9 @@ def measure(directory: Path, rounds: int = 5) -> MatmulPlan:
     measured = {name: (fp32_bytes / 2 if name.startswith("bf16") else fp32_bytes) / t / 1e9
                 for name, t in seconds.items()}
     return MatmulPlan(
-        one_row=best_one, few_rows=best_few,
         kernel=str(directory / KERNEL_FILES[torch.float32]) if best_one == "reduction" else None,
-        one_row_bf16=best_bf16,
         kernel_bf16=str(directory / KERNEL_FILES[torch.bfloat16]) if best_bf16 == "reduction" else None,
-        measured_gbs={k: round(v, 2) for k, v in measured.items()}, notes=tuple(notes))
+        few_rows=best_few, measured_gbs={k: round(v, 2) for k, v in measured.items()}, notes=tuple(notes))
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -302,9 +299,10 @@ class CPULinear(nn.Linear):
     """nn.Linear whose float32 and bfloat16 CPU inference runs the kernels this machine's MatmulPlan picked (see the
     module docstring); everything else, training included, is nn.Linear's forward."""
 
-    plan: MatmulPlan = BLAS_ONLY  # set per instance by use_fastest, with the two below
+    plan: MatmulPlan | None = None  # set per instance by use_fastest, with what follows from it
     one_row_kernels: dict[torch.dtype, Callable[[list[torch.Tensor]], list[torch.Tensor]]] = {}  # by dtype
     kernel_biases: dict[torch.dtype, torch.Tensor] = {}  # zeros where there is no bias: the kernel always adds one
+    few_rows_onednn: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
@@ -317,7 +315,7 @@ class CPULinear(nn.Linear):
             kernel = self.one_row_kernels.get(x.dtype)
             if kernel is not None and x.dim() == 3 and x.is_contiguous() and weight.is_contiguous():
                 return kernel([x, weight, self.kernel_biases[x.dtype] if bias is None else bias])[0]
-        elif rows <= FEW_ROWS and self.plan.few_rows == "onednn" and x.dtype == torch.float32:
+        elif rows <= FEW_ROWS and self.few_rows_onednn and x.dtype == torch.float32:
             return onednn_linear(x, weight, bias)
         return F.linear(x, weight, bias)
 
@@ -326,28 +324,36 @@ def use_fastest(model: nn.Module, matmul_plan: MatmulPlan | None = None) -> nn.M
     """Make `model`'s float32 or bfloat16 CPU matrix products take this machine's fastest kernels (in place);
     return it.
 
-    matmul_plan: default `plan()`, measured once per machine. Every nn.Linear becomes a CPULinear (same parameters,
-    hooks and state dict); its weight is made row-major when the plan wants that for the model's dtype (one matrix
-    at a time: memory grows by one matrix at most; minhub's loader reads GPT-2's weights so from the start). Models
-    on other devices, in other or mixed dtypes, are returned as they are; one moved later takes nn.Linear's path.
+    matmul_plan: default `plan_for` the model's dtype, measured once per machine. Every nn.Linear becomes a CPULinear
+    (same parameters, hooks and state dict); its weight is made row-major when the plan wants that for the model's
+    dtype (minhub's loader reads GPT-2's weights so from the start). Models on other devices, in other or mixed
+    dtypes, or under MINHUB_MATMUL=blas are returned as they are; one moved later takes nn.Linear's path.
     """
     dtypes = {p.dtype for p in model.parameters()}
-    if len(dtypes) != 1 or dtypes & {torch.float32, torch.bfloat16} != dtypes \
-            or any(p.device.type != "cpu" for p in model.parameters()):
+    if len(dtypes) != 1 or any(p.device.type != "cpu" for p in model.parameters()):
         return model
     dtype = dtypes.pop()
-    matmul_plan = plan() if matmul_plan is None else matmul_plan
-    if matmul_plan == BLAS_ONLY:
-        return model  # nn.Linear already does that
+    matmul_plan = matmul_plan or plan_for(dtype, "cpu")
+    if matmul_plan is None:
+        return model
+    if matmul_plan.row_major_for(dtype):
+        make_row_major(model)
     kernels = {t: load_kernel(matmul_plan.kernel_for(t)) for t in KERNEL_FILES if matmul_plan.kernel_for(t)}
+    for module in model.modules():
+        if type(module) in (nn.Linear, CPULinear):
+            module.__class__ = CPULinear  # the same module, parameters and hooks, with another forward
+            module.plan = matmul_plan
+            module.few_rows_onednn = matmul_plan.few_rows == "onednn"
+            module.one_row_kernels = kernels if min(module.weight.shape) >= 2 else {}
+            module.kernel_biases = {} if module.bias is not None else \
+                {t: torch.zeros(module.out_features, dtype=t) for t in kernels}
+    return model
+
+
+def make_row_major(model: nn.Module) -> None:
+    """Store every nn.Linear weight of `model` row-major, (out, in), in place: same values, same parameters, one
+    matrix at a time (memory grows by one matrix at most); a weight that already is stays as it is."""
     with torch.no_grad():
         for module in model.modules():
-            if type(module) in (nn.Linear, CPULinear):
-                if matmul_plan.row_major_for(dtype):
-                    module.weight.data = module.weight.data.contiguous()  # no copy if it already is
-                module.__class__ = CPULinear  # the same module, parameters and hooks, with another forward
-                module.plan = matmul_plan
-                module.one_row_kernels = kernels if min(module.weight.shape) >= 2 else {}
-                module.kernel_biases = {} if module.bias is not None else \
-                    {t: torch.zeros(module.out_features, dtype=t) for t in kernels}
-    return model
+            if isinstance(module, nn.Linear):
+                module.weight.data = module.weight.data.contiguous()

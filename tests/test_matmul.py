@@ -48,8 +48,8 @@ def forced_plan(name: str) -> MatmulPlan:
     if few_rows == "onednn" and not CPU.onednn:
         pytest.skip("needs a PyTorch built with oneDNN")
     reduction = one_row == "reduction"
-    return MatmulPlan(one_row=one_row, few_rows=few_rows, kernel=kernel_path() if reduction else None,
-                      one_row_bf16=one_row, kernel_bf16=kernel_path(torch.bfloat16) if reduction else None)
+    return MatmulPlan(kernel=kernel_path() if reduction else None,
+                      kernel_bf16=kernel_path(torch.bfloat16) if reduction else None, few_rows=few_rows)
 
 
 @pytest.fixture(scope="module")
@@ -162,9 +162,9 @@ def test_the_plan_is_measured_once_and_read_back(tmp_path, monkeypatch):
         shutil.copy(kernel, tmp_path / matmul.machine_key())
     first = matmul.plan()
     saved = tmp_path / matmul.machine_key() / "plan.json"
-    if first.one_row == "reduction":
+    if first.kernel is not None:
         assert first.kernel == str(tmp_path / matmul.machine_key() / matmul.KERNEL_FILES[torch.float32])
-    assert json.loads(saved.read_text())["one_row"] == first.one_row
+    assert json.loads(saved.read_text())["kernel"] == first.kernel
     assert set(first.measured_gbs) >= {"one row: blas", "8 rows: blas"}
 
     def no_measuring(directory):
@@ -189,7 +189,7 @@ def test_a_saved_kernel_that_does_not_load_is_measured_again(tmp_path, monkeypat
     directory.mkdir()
     kernel = directory / matmul.KERNEL_FILES[torch.float32]
     kernel.write_bytes(b"not a package")  # e.g. truncated by a full disk
-    saved = MatmulPlan(one_row="reduction", kernel=str(kernel))
+    saved = MatmulPlan(kernel=str(kernel))
     (directory / "plan.json").write_text(json.dumps(dataclasses.asdict(saved)))
     remeasured = MatmulPlan(notes=("measured again",))
     monkeypatch.setattr(matmul, "measure", lambda directory: remeasured)
@@ -204,7 +204,7 @@ def test_an_unwritable_cache_still_gives_a_plan(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("MINHUB_CACHE", str(blocker / "cache"))  # a directory under a file cannot be made
     monkeypatch.setattr(matmul, "_plans", {})
     fake_cpu(monkeypatch, cxx=None)
-    assert matmul.plan().one_row == "blas"
+    assert matmul.plan().kernel is None
     assert "MINHUB_CACHE" in caplog.text
 
 
@@ -216,7 +216,7 @@ def fake_cpu(monkeypatch, **changes) -> None:
 def test_without_a_compiler_one_row_stays_on_blas(tmp_path, monkeypatch):
     fake_cpu(monkeypatch, cxx=None)
     plan = matmul.measure(tmp_path)
-    assert plan.one_row == plan.one_row_bf16 == "blas" and plan.kernel is None and plan.kernel_bf16 is None
+    assert plan.kernel is None and plan.kernel_bf16 is None
     assert not plan.row_major_for(torch.float32)
     assert any("no C++ compiler" in note for note in plan.notes)
     assert not list(tmp_path.glob("*.pt2"))  # nothing was built
