@@ -102,10 +102,11 @@ def _replace_linears(model: nn.Module, convert, dtype: torch.dtype) -> nn.Module
 
 class Int8Linear(nn.Module):
     """A frozen nn.Linear with int8 weights, one scale per output row (symmetric, weight-only quantization):
-    y = (x @ q.T) * scale + bias, in bfloat16 (PyTorch's int8 kernel is slow with fp32 inputs), by
-    torch._weight_int8pack_mm."""
+    y = (x @ q.T) * scale + bias, with bfloat16 activations. Up to 16 rows take this machine's int8 kernel
+    (minhub.matmul's plan: minhub::linear, which sums in float32, or torch._weight_int8pack_mm); more rows, and code
+    inside torch.compile, take torch._weight_int8pack_mm."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, kernels: dict[bool, str] | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach().float()  # (out, in)
@@ -115,9 +116,14 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.to(torch.bfloat16), persistent=False)
         bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
         self.register_buffer("bias", bias, persistent=False)
+        self.kernels = kernels or {}  # one row (True) or 2-16 rows (False) -> "minhub"; absent: PyTorch's kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scale)
+        rows = x.numel() // self.in_features
+        if rows <= matmul.FEW_ROWS and self.kernels.get(rows == 1) == "minhub" and x.is_cpu and x.is_contiguous() \
+                and x.dtype == torch.bfloat16 and not torch.compiler.is_compiling():
+            return matmul.minhub_linear(x, self.weight, self.bias, self.scale)
+        y = matmul.int8_linear(x.reshape(-1, self.in_features), self.weight, self.scale)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -136,7 +142,11 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         raise ValueError("quantize_int8 is for CPU inference: move the model with model.cpu() first")
     if any(isinstance(m, PackedLinear) for m in model.modules()):
         raise ValueError("the model is already packed by prepack: quantize a freshly loaded model instead")
-    return _replace_linears(model, Int8Linear, torch.bfloat16)
+    int8_plan = matmul.plan_for(torch.int8, "cpu")
+    kernels = {} if int8_plan is None else {one_row: int8_plan.kernel(torch.int8, one_row) for one_row in (True, False)}
+    if int8_plan is not None and int8_plan.library is not None:
+        matmul.load_library(int8_plan.library, int8_plan.library_sha256)
+    return _replace_linears(model, lambda linear: Int8Linear(linear, kernels), torch.bfloat16)
 
 
 def compile_decode(model: GPT2) -> GPT2:

@@ -2,40 +2,41 @@
 
 Decoding multiplies a few activation rows by every weight matrix, so a token costs one read of all the weights, and
 the kernel that reads them decides the speed. Which kernel reads fastest depends on the CPU. On an AVX2 AMD EPYC
-(2 threads, torch 2.13) MKL's one-row product (GEMV) reads weights at 14-18 GB/s where a plain `.sum()` reads the
-same bytes at 24-28, and MKL's 8-row product at 5-7 GB/s where oneDNN, given the very same weight tensor, reads at
-9-11. On an AVX-512 Xeon MKL is close to the limit already. So minhub measures instead of guessing:
+(2 threads, torch 2.13) MKL's one-row product (GEMV) reads fp32 weights at 14-18 GB/s where a plain `.sum()` reads
+the same bytes at 24-28; its 8-row product and PyTorch's bf16 and int8 ones are slower still. On an AVX-512 Xeon
+MKL is close to the limit already. So minhub measures instead of guessing, per weight dtype and row count:
 
-- one row (batch-1 decoding): BLAS (`F.linear`), or a reduction kernel, `y[n] = sum_k x[k] * W[n, k]`, that reads W
-  row by row in one vectorised, multi-threaded loop at `.sum()`'s speed. The kernel is C++ that inductor generates
-  and AOTInductor packages (one package for every matrix shape), built once per machine: it needs a C++ compiler.
-- 2-16 rows (batched decoding): BLAS, or oneDNN's matmul on the same weight, unpacked (packing would be a second
-  copy of the weights).
-- bfloat16, one row: BLAS or the same reduction kernel built for bf16 (float32 sums). bf16 weights are always made
-  row-major: PyTorch's bf16 matrix-vector product on the hub's (in, out) layout is ten times slower on AVX2.
+- "blas": PyTorch's own kernel (`F.linear`, for int8 `torch._weight_int8pack_mm`);
+- "onednn": oneDNN's matmul on the same, unpacked weight (float32, 2-16 rows; packing would be a second copy);
+- "minhub": minhub::linear (matmul.cpp, about 250 lines of C++): each thread sums its own contiguous share of the
+  weight rows against the activations, which stay in the L1 cache, with AVX2 FMA loops where the CPU has them,
+  prefetching the next rows, so it reads W once at `.sum()`'s speed. It reads fp32 weights in either layout (the hub's
+  GPT-2 (in, out) needs no transposing), bf16 and int8 (one scale per output row) row-major; sums in float32. It is
+  built once per machine with the C++ compiler against the installed torch (about 10 s).
 
-`plan()` times the candidates on weight-sized matrices in paired rounds (well under a second), once per machine
-(CPU model, instruction sets, torch version, thread count), and keeps the result and the kernel in
-$MINHUB_CACHE (default ~/.cache/minhub). The first measurement on a machine also builds the kernel (10-30 s). Every
-candidate computes the same sums in a different order: logits stay within 1e-4 of transformers' in fp32.
+`plan()` times the candidates on GPT-2 124M-shaped matrices (110 MB in fp32, more than the caches hold) in paired
+rounds, once per machine (CPU model, instruction sets, torch version, thread count, the kernel's source), and keeps
+the result and the built kernel in $MINHUB_CACHE (default ~/.cache/minhub). Every candidate computes the same sums in
+another order: fp32 logits stay within 1e-4 of transformers'.
 
 `use_fastest(model)` applies the plan: every nn.Linear becomes a `CPULinear` (the same module, parameters and hooks,
-with a forward that picks the kernel by row count), and the weights become row-major if the kernel reads them. Only
-float32 and bfloat16 CPU inference changes path: with gradients, other dtypes, other devices, inside torch.compile,
-or for more rows, CPULinear is nn.Linear. minhub's loaders call it; MINHUB_MATMUL=blas turns it off.
+with a forward that picks the kernel by dtype and row count). Only float32 and bfloat16 CPU inference of up to 16
+rows changes path: with gradients, other dtypes or devices, inside torch.compile, or for more rows (a prompt),
+CPULinear is nn.Linear. minhub's loaders call it, and quantize_int8 reads the int8 choice; MINHUB_MATMUL=blas turns it
+all off.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
 import logging
 import os
 import statistics
+import subprocess
+import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -48,38 +49,50 @@ from minhub import hardware
 
 log = logging.getLogger("minhub")
 
-FEW_ROWS = 16  # up to this many rows count as "batched decoding"; more (a prompt) always go to BLAS
-KERNEL_FILES = {torch.float32: "one_row_reduction.pt2", torch.bfloat16: "one_row_reduction_bf16.pt2"}
-PLAN_VERSION = 3  # bump when the candidates or the kernel change: older plans are measured again
+FEW_ROWS = 16  # up to this many rows count as decoding; more (a prompt) always go to BLAS
+SOURCE = Path(__file__).with_name("matmul.cpp")
+LIBRARY = "libminhub_matmul.so"
+PLAN_VERSION = 4  # bump when the candidates change: older plans are measured again
+DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.int8: "int8"}  # weight dtypes with a choice
+
+
+def choice_name(dtype: torch.dtype, one_row: bool) -> str:
+    """The plan's key for weights of `dtype` and one row or 2 to FEW_ROWS rows, e.g. "float32 one row"."""
+    return f"{DTYPES[dtype]} {'one row' if one_row else 'few rows'}"
 
 
 @dataclass(frozen=True)
 class MatmulPlan:
     """Which kernel multiplies activations by a weight matrix on this machine, and what was measured."""
 
-    kernel: str | None = None  # float32, one row: the reduction kernel's package, or None for BLAS
-    kernel_bf16: str | None = None  # bfloat16, one row: the same, built for bf16
-    few_rows: str = "blas"  # float32, 2 to FEW_ROWS rows: "blas" or "onednn"
+    kernels: dict[str, str] = field(default_factory=dict)  # choice_name -> "minhub" or "onednn"; absent: "blas"
+    library: str | None = None  # the built minhub::linear, where a choice is "minhub"
+    library_sha256: str | None = None  # what the library's bytes were when measured: a changed file is rebuilt
     measured_gbs: dict[str, float] = field(default_factory=dict)  # weight bytes read per second, per candidate
     notes: tuple[str, ...] = ()  # why a candidate was not measured
 
-    def kernel_for(self, dtype: torch.dtype) -> str | None:
-        """The reduction kernel's package for one row of `dtype`, or None where BLAS does it."""
-        return {torch.float32: self.kernel, torch.bfloat16: self.kernel_bf16}.get(dtype)
+    def kernel(self, dtype: torch.dtype, one_row: bool) -> str:
+        """"blas", "onednn" or "minhub" for weights of `dtype` times one row, or 2 to FEW_ROWS rows."""
+        return self.kernels.get(choice_name(dtype, one_row), "blas") if dtype in DTYPES else "blas"
 
     def row_major_for(self, dtype: torch.dtype) -> bool:
-        """Whether weights of `dtype` should be row-major, (out, in), rather than the hub's GPT-2 (in, out): the
-        reduction kernel reads them row by row, and PyTorch's own bf16 matrix-vector product is several times
-        faster on them; fp32 BLAS reads either (MKL prefers (in, out) on some CPUs)."""
-        return dtype == torch.bfloat16 or self.kernel_for(dtype) is not None
+        """Whether weights of `dtype` should be row-major, (out, in), rather than the hub's GPT-2 (in, out): bf16
+        always (minhub::linear reads bf16 rows, and PyTorch's bf16 matrix-vector product is ten times slower on
+        the other layout); fp32 never (every candidate reads either, MKL prefers (in, out) on some CPUs)."""
+        return dtype == torch.bfloat16
 
     def describe(self) -> str:
-        """One line: the choice and the figures behind it."""
+        """One line: the choices and the figures behind them."""
+        choices = ", ".join(f"{name}: {self.kernel(dtype, one_row)}" for dtype in DTYPES for one_row in (True, False)
+                            for name in [choice_name(dtype, one_row)])
         figures = ", ".join(f"{k} {v:.1f}" for k, v in self.measured_gbs.items())
-        one_row = {None: "blas"}
-        return (f"float32 one row: {one_row.get(self.kernel, 'reduction')}, {FEW_ROWS} rows or fewer: "
-                f"{self.few_rows}; bfloat16 one row: {one_row.get(self.kernel_bf16, 'reduction')} (GB/s read: "
-                f"{figures or 'none'})" + "".join(f"; {n}" for n in self.notes))
+        loops = "" if self.library is None else f" (its {'AVX2' if avx2_loops() else 'portable'} loops)"
+        return (f"{choices}{loops}; GB/s read: {figures or 'none'}" + "".join(f"; {n}" for n in self.notes))
+
+
+def avx2_loops() -> bool:
+    """Whether minhub::linear runs its AVX2 loops on this CPU (the portable ones otherwise)."""
+    return {"avx2", "fma"} <= hardware.cpu_info().flags
 
 
 def cache_dir() -> Path:
@@ -90,11 +103,16 @@ def cache_dir() -> Path:
 
 
 def machine_key() -> str:
-    """What the plan depends on: CPU model and instruction sets, torch version, thread count, the plan's version."""
+    """What the plan depends on: CPU model and instruction sets, torch version, thread count, the plan's version and
+    the kernel's source."""
     cpu = hardware.cpu_info()
     text = json.dumps([cpu.model, cpu.isa, sorted(cpu.flags), cpu.onednn, torch.__version__,
-                       torch.get_num_threads(), PLAN_VERSION])
+                       torch.get_num_threads(), PLAN_VERSION, _sha256(SOURCE)])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 _plans: dict[str, MatmulPlan] = {}  # per process, by machine key
@@ -105,14 +123,14 @@ def setting() -> str:
     value = os.environ.get("MINHUB_MATMUL", "auto")
     if value not in ("auto", "blas"):
         raise ValueError(f"MINHUB_MATMUL={value!r}: use auto (the fastest kernels, measured once per machine; the "
-                         "default) or blas (nn.Linear's BLAS always)")
+                         "default) or blas (PyTorch's own kernels always)")
     return value
 
 
 def plan_for(dtype: torch.dtype, device: str | torch.device) -> MatmulPlan | None:
-    """The plan for a model of `dtype` on `device`, or None where minhub.matmul changes nothing: other devices and
+    """The plan for weights of `dtype` on `device`, or None where minhub.matmul changes nothing: other devices and
     dtypes, or MINHUB_MATMUL=blas."""
-    if torch.device(device).type != "cpu" or dtype not in KERNEL_FILES or setting() == "blas":
+    if torch.device(device).type != "cpu" or dtype not in DTYPES or setting() == "blas":
         return None
     return plan()
 
@@ -131,20 +149,17 @@ def _cached_or_measured(key: str) -> MatmulPlan:
     try:
         saved = json.loads(path.read_text())
         cached = MatmulPlan(**{**saved, "notes": tuple(saved.get("notes", ()))})
-        for kernel in (cached.kernel, cached.kernel_bf16):
-            if kernel is not None:
-                load_kernel(kernel)  # a kernel that is gone or no longer loads is built and measured again
+        if cached.library is not None:
+            load_library(cached.library, cached.library_sha256)  # one that is gone or changed is built again
         return cached
     except (FileNotFoundError, NotADirectoryError):
         pass  # the first load on this machine (or a cache that cannot exist: see below)
-    except Exception as e:  # an unreadable plan or kernel: measure again rather than fail the load
+    except Exception as e:  # an unreadable plan or library: measure again rather than fail the load
         log.warning("minhub: the saved matmul plan in %s is unusable (%s: %s); measuring again", directory,
                     type(e).__name__, e)
-        for name in KERNEL_FILES.values():
-            with contextlib.suppress(OSError):
-                (directory / name).unlink(missing_ok=True)
-    log.warning("minhub: measuring this CPU's matrix kernels, once per machine (up to 30 s when it builds one); "
-                "the result is kept in %s (delete it to measure again)", directory)
+        (directory / LIBRARY).unlink(missing_ok=True)
+    log.warning("minhub: measuring this CPU's matrix kernels, once per machine (about 15 s when it builds "
+                "minhub's); the result is kept in %s (delete it to measure again)", directory)
     measured = measure(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -163,43 +178,56 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The one-row reduction kernel
+# minhub::linear, the C++ kernel
 
 
-class OneRowReduction(nn.Module):
-    """What the kernel computes: one token's activations x (1, 1, k) times W (n, k) row-major, plus b (n,), giving
-    (1, 1, n), summed in float32 whatever the dtype (as BLAS does); exported with symbolic n and k and compiled once
-    per dtype."""
-
-    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        n, k = weight.shape
-        # as_strided, unlike a broadcast, makes inductor read x from a buffer rather than inline its producer
-        rows = torch.as_strided(x, (1, 1, n, k), (k, k, 0, 1))
-        return ((rows.float() * weight.float()).sum(-1) + bias.float()).to(x.dtype)
-
-
-def build_kernel(path: Path, dtype: torch.dtype = torch.float32) -> None:
-    """Export OneRowReduction for every n and k in `dtype`, compile it to C++ with AOTInductor, package it at `path`."""
-    import torch._inductor
-
-    n, k = torch.export.Dim("n", min=2), torch.export.Dim("k", min=2)
-    example = (torch.ones(1, 1, 64, dtype=dtype), torch.ones(32, 64, dtype=dtype), torch.ones(32, dtype=dtype))
-    program = torch.export.export(OneRowReduction(), example,
-                                  dynamic_shapes={"x": {2: k}, "weight": {0: n, 1: k}, "bias": {0: n}})
-    tmp = path.with_name(f".{os.getpid()}.{path.name}")  # AOTInductor wants the .pt2 suffix
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecation notices while packaging
-        torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
+def build_library(path: Path) -> None:
+    """Compile matmul.cpp against the installed torch into the shared library at `path` (about 10 s)."""
+    torch_dir = Path(torch.__file__).parent
+    include, lib = torch_dir / "include", torch_dir / "lib"
+    openmp = ["-fopenmp", "-lgomp"] if (lib / "libgomp.so.1").exists() else []  # torch's own OpenMP, not a second
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    command = [hardware.cpu_info().cxx or "c++", "-O3", "-shared", "-fPIC", "-std=c++20", "-w",
+               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", f"-I{include}",
+               f"-I{include / 'torch/csrc/api/include'}", str(SOURCE), "-o", str(tmp), f"-L{lib}",
+               f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu", "-ltorch", *openmp]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"{' '.join(command[:2])} ... failed: {done.stderr.strip()[-500:]}")
     os.replace(tmp, path)
 
 
-@functools.cache
-def load_kernel(path: str) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
-    """The packaged kernel, loaded once per process (milliseconds: no inductor import, no compilation). It takes
-    [x (1, 1, k), W (n, k), b (n,)], all contiguous CPU tensors of the dtype it was built for, and returns
-    [(1, 1, n)]."""
-    loader = torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, -1)
-    return loader.run
+_loaded_library: list[str] = []  # the library this process has loaded (at most one: its operator is registered once)
+
+
+def load_library(path: str, sha256: str | None) -> None:
+    """Load the built minhub::linear once per process, after checking that its bytes are those measured.
+
+    A second library (another cache) is not loaded: its operator would be registered twice. Its source is the same
+    (the machine key covers it), so the one loaded serves."""
+    if sha256 != _sha256(Path(path)):
+        raise ValueError(f"{path} changed since it was measured")
+    if not _loaded_library:
+        torch.ops.load_library(path)
+        _loaded_library.append(path)
+
+
+def minhub_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  scale: torch.Tensor | None = None, portable: bool = False) -> torch.Tensor:
+    """x @ weight.T (* scale) (+ bias) by minhub::linear (see matmul.cpp for what it takes); the library must be
+    loaded (plan() does it). portable=True runs the portable loops even where the AVX2 ones would."""
+    return torch.ops.minhub.linear.default(x, weight, bias, scale, portable)
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W.T + b by oneDNN's matmul on the plain weight tensor (no packed copy), inference only."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """PyTorch's weight-only int8 product: x (m, k) bf16 times int8 weight (n, k) times bf16 scale (n,)."""
+    return torch._weight_int8pack_mm(x, weight, scale)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -220,75 +248,75 @@ def _timed_rounds(candidates: dict[str, Callable[[], object]], rounds: int) -> d
 
 
 def measure(directory: Path, rounds: int = 5) -> MatmulPlan:
-    """Time every candidate this machine can run on GPT-2 124M's matrix shapes (four layers, about 110 MB in
-    float32, more than the caches hold) and return the fastest for one row and for FEW_ROWS rows in float32, and for
-    one row in bfloat16; builds the kernels if needed."""
+    """Build minhub::linear into `directory` if this machine can, time every candidate it can run on GPT-2 124M's
+    matrix shapes (four layers), for each weight dtype at one row and at 8 rows, and return the fastest of each."""
     info = hardware.cpu_info()
-    notes = []
-    kernels = {}
-    if not info.can_compile:
-        notes.append("no reduction kernel: " + ("no C++ compiler" if info.cxx is None else "no Python.h"))
+    notes, library, sha256 = [], None, None
+    if info.cxx is None:
+        notes.append("no minhub::linear: no C++ compiler (install g++, then delete the plan to measure again)")
     else:
-        for dtype, name in KERNEL_FILES.items():
-            try:
-                if not (directory / name).is_file():
-                    directory.mkdir(parents=True, exist_ok=True)
-                    build_kernel(directory / name, dtype)
-                kernels[dtype] = load_kernel(str(directory / name))
-            except Exception as e:  # a broken toolchain must not stop loading: BLAS still works
-                notes.append(f"no {dtype} reduction kernel: building it failed ({type(e).__name__}: {str(e)[:200]})")
+        try:
+            path = directory / LIBRARY
+            if not path.is_file():
+                directory.mkdir(parents=True, exist_ok=True)
+                build_library(path)
+            library, sha256 = str(path), _sha256(path)
+            load_library(library, sha256)
+        except Exception as e:  # a broken toolchain must not stop loading: PyTorch's kernels still work
+            library = None
+            notes.append(f"no minhub::linear: building it failed ({type(e).__name__}: {str(e)[:300]})")
     if not info.onednn:
         notes.append("no oneDNN in this torch")
 
     shapes = [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 4  # (out, in)
-    seconds = {}
+    seconds: dict[str, float] = {}
+    kernels: dict[str, str] = {}
     with torch.inference_mode():
         # values do not matter for speed, but all-zero pages may all map to one physical page: fill them
-        row_major = [torch.full(s, 0.01) for s in shapes]
-        col_major = [w.t().contiguous().t() for w in row_major]  # the hub's GPT-2 storage, (in, out)
-        biases = [torch.full(s[:1], 0.01) for s in shapes]
-        one = {k: torch.full((1, 1, k), 0.5) for k in (768, 3072)}
-        few = {k: torch.full((8, k), 0.5) for k in (768, 3072)}
-
-        def run(fn, weights, x, bias=biases):
-            return lambda: [fn(x[w.size(1)], w, b) for w, b in zip(weights, bias)]
-
-        def fastest(candidates: dict[str, Callable[[], object]]) -> str:
-            seconds.update(_timed_rounds(candidates, rounds))
-            return min(candidates, key=seconds.get).rpartition(": ")[2]
-
-        candidates = {"one row: blas": run(F.linear, col_major, one)}
-        if torch.float32 in kernels:
-            candidates["one row: reduction"] = run(lambda x, w, b: kernels[torch.float32]([x, w, b]), row_major, one)
-        best_one = fastest(candidates)
-        weights = row_major if best_one == "reduction" else col_major
-        candidates = {"8 rows: blas": run(F.linear, weights, few)}
-        if info.onednn:
-            candidates["8 rows: onednn"] = run(onednn_linear, weights, few)
-        best_few = fastest(candidates)
-        del col_major, weights
-
-        weights = [w.to(torch.bfloat16) for w in row_major]
-        del row_major
-        bf16_biases = [b.to(torch.bfloat16) for b in biases]
-        one = {k: x.to(torch.bfloat16) for k, x in one.items()}
-        candidates = {"bf16 one row: blas": run(F.linear, weights, one, bf16_biases)}
-        if torch.bfloat16 in kernels:
-            candidates["bf16 one row: reduction"] = run(lambda x, w, b: kernels[torch.bfloat16]([x, w, b]), weights,
-                                                        one, bf16_biases)
-        best_bf16 = fastest(candidates)
+        float32 = [torch.full(s[::-1], 0.01).t() for s in shapes]  # the hub's GPT-2 storage, (in, out)
+        for dtype in DTYPES:
+            if dtype == torch.float32:
+                weights, scales = float32, None
+            elif dtype == torch.bfloat16:
+                weights, scales = [w.to(dtype).contiguous() for w in float32], None
+            else:
+                weights, scales = [torch.full(w.shape, 3, dtype=dtype) for w in float32], \
+                    [torch.full(w.shape[:1], 0.01, dtype=torch.bfloat16) for w in float32]
+            x_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
+            biases = [torch.full(w.shape[:1], 0.01, dtype=x_dtype) for w in weights]
+            for rows in (1, 8):
+                x = {k: torch.full((rows, k), 0.5, dtype=x_dtype) for k in (768, 3072)}
+                candidates = {}
+                for name in ("blas", "onednn", "minhub"):
+                    fn = _candidate(name, dtype, rows, library is not None, info.onednn)
+                    if fn is not None:
+                        candidates[f"{choice_name(dtype, rows == 1)}: {name}"] = (
+                            lambda fn=fn: [fn(x[w.size(1)], w, b, s)
+                                           for w, b, s in zip(weights, biases, scales or [None] * len(weights))])
+                seconds.update(_timed_rounds(candidates, rounds))
+                best = min(candidates, key=seconds.get)
+                if not best.endswith(": blas"):
+                    kernels[choice_name(dtype, rows == 1)] = best.rpartition(": ")[2]
+            del weights, scales, biases
     fp32_bytes = sum(s[0] * s[1] * 4 for s in shapes)
-    measured = {name: (fp32_bytes / 2 if name.startswith("bf16") else fp32_bytes) / t / 1e9
-                for name, t in seconds.items()}
-    return MatmulPlan(
-        kernel=str(directory / KERNEL_FILES[torch.float32]) if best_one == "reduction" else None,
-        kernel_bf16=str(directory / KERNEL_FILES[torch.bfloat16]) if best_bf16 == "reduction" else None,
-        few_rows=best_few, measured_gbs={k: round(v, 2) for k, v in measured.items()}, notes=tuple(notes))
+    per_dtype = {"float32": 1, "bfloat16": 2, "int8": 4}
+    measured = {name: fp32_bytes / per_dtype[name.split()[0]] / t / 1e9 for name, t in seconds.items()}
+    return MatmulPlan(kernels=kernels, library=library if "minhub" in kernels.values() else None,
+                      library_sha256=sha256 if "minhub" in kernels.values() else None,
+                      measured_gbs={k: round(v, 2) for k, v in measured.items()}, notes=tuple(notes))
 
 
-def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ W.T + b by oneDNN's matmul on the plain weight tensor (no packed copy), inference only."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+def _candidate(name: str, dtype: torch.dtype, rows: int, have_minhub: bool, have_onednn: bool):
+    """How candidate `name` multiplies (x, weight, bias, scale) for weights of `dtype`, or None where it does not
+    apply: oneDNN only for 2+ rows of float32; minhub::linear only where it was built."""
+    if name == "minhub":
+        return (lambda x, w, b, s: minhub_linear(x, w, b, s)) if have_minhub else None
+    if name == "onednn":
+        return (lambda x, w, b, s: onednn_linear(x, w, b)) if have_onednn and rows > 1 and dtype == torch.float32 \
+            else None
+    if dtype == torch.int8:
+        return lambda x, w, b, s: int8_linear(x, w, s) + b
+    return lambda x, w, b, s: F.linear(x, w, b)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -300,9 +328,7 @@ class CPULinear(nn.Linear):
     module docstring); everything else, training included, is nn.Linear's forward."""
 
     plan: MatmulPlan | None = None  # set per instance by use_fastest, with what follows from it
-    one_row_kernels: dict[torch.dtype, Callable[[list[torch.Tensor]], list[torch.Tensor]]] = {}  # by dtype
-    kernel_biases: dict[torch.dtype, torch.Tensor] = {}  # zeros where there is no bias: the kernel always adds one
-    few_rows_onednn: bool = False
+    kernels: dict[tuple[torch.dtype, bool], str] = {}  # (dtype, one row) -> "minhub" or "onednn"; absent: BLAS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
@@ -311,11 +337,11 @@ class CPULinear(nn.Linear):
                 or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
             return F.linear(x, weight, bias)
         rows = x.numel() // self.in_features
-        if rows == 1:
-            kernel = self.one_row_kernels.get(x.dtype)
-            if kernel is not None and x.dim() == 3 and x.is_contiguous() and weight.is_contiguous():
-                return kernel([x, weight, self.kernel_biases[x.dtype] if bias is None else bias])[0]
-        elif rows <= FEW_ROWS and self.few_rows_onednn and x.dtype == torch.float32:
+        kernel = self.kernels.get((x.dtype, rows == 1)) if rows <= FEW_ROWS else None
+        if kernel == "minhub" and x.is_contiguous() and (weight.is_contiguous() or (
+                x.dtype == torch.float32 and weight.t().is_contiguous())):  # the layouts minhub::linear reads
+            return minhub_linear(x, weight, bias)
+        if kernel == "onednn":
             return onednn_linear(x, weight, bias)
         return F.linear(x, weight, bias)
 
@@ -325,28 +351,29 @@ def use_fastest(model: nn.Module, matmul_plan: MatmulPlan | None = None) -> nn.M
     return it.
 
     matmul_plan: default `plan_for` the model's dtype, measured once per machine. Every nn.Linear becomes a CPULinear
-    (same parameters, hooks and state dict); its weight is made row-major when the plan wants that for the model's
-    dtype (minhub's loader reads GPT-2's weights so from the start). Models on other devices, in other or mixed
-    dtypes, or under MINHUB_MATMUL=blas are returned as they are; one moved later takes nn.Linear's path.
+    (same parameters, hooks and state dict); bf16 weights are made row-major (minhub's loader reads GPT-2's weights
+    so from the start). Models on other devices, in other or mixed dtypes, or under MINHUB_MATMUL=blas are returned
+    as they are; one moved later takes nn.Linear's path.
     """
     dtypes = {p.dtype for p in model.parameters()}
     if len(dtypes) != 1 or any(p.device.type != "cpu" for p in model.parameters()):
         return model
     dtype = dtypes.pop()
     matmul_plan = matmul_plan or plan_for(dtype, "cpu")
-    if matmul_plan is None:
+    if matmul_plan is None or dtype == torch.int8:
         return model
     if matmul_plan.row_major_for(dtype):
         make_row_major(model)
-    kernels = {t: load_kernel(matmul_plan.kernel_for(t)) for t in KERNEL_FILES if matmul_plan.kernel_for(t)}
+    if matmul_plan.library is not None:
+        load_library(matmul_plan.library, matmul_plan.library_sha256)
+    kernels = {(t, one_row): matmul_plan.kernel(t, one_row) for t in (torch.float32, torch.bfloat16)
+               for one_row in (True, False)}
+    kernels = {key: kernel for key, kernel in kernels.items() if kernel != "blas"}
     for module in model.modules():
         if type(module) in (nn.Linear, CPULinear):
             module.__class__ = CPULinear  # the same module, parameters and hooks, with another forward
             module.plan = matmul_plan
-            module.few_rows_onednn = matmul_plan.few_rows == "onednn"
-            module.one_row_kernels = kernels if min(module.weight.shape) >= 2 else {}
-            module.kernel_biases = {} if module.bias is not None else \
-                {t: torch.zeros(module.out_features, dtype=t) for t in kernels}
+            module.kernels = kernels
     return model
 
 

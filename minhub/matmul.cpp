@@ -1,0 +1,248 @@
+// minhub::linear(x, W, b, scale): y = x @ W.T (* scale) (+ b) for the few activation rows of decoding, reading each
+// weight once at the speed of memory. minhub/matmul.py builds it once per machine (the C++ compiler against the
+// installed torch), measures it against PyTorch's kernels, and loads it with torch.ops.load_library.
+//
+// x (..., k) float32 or bfloat16, m rows in all; W (n, k) in x's dtype, or int8 with one float32 scale per output
+// row; b (n,) in x's dtype or absent; y (..., n) in x's dtype; sums in float32. W is either row-major (nn.Linear's
+// layout, "rows") or, in float32, the transposed view of an (k, n) matrix (the hub's GPT-2 layout, "columns").
+// Each thread reads its own contiguous share of W once; x stays in the L1 cache. The AVX2 loops run where the CPU has
+// AVX2 and FMA, the portable ones everywhere else and wherever `portable` asks for them (as the tests do).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kRowBlock = 4;      // weight rows summed side by side
+constexpr int64_t kColumnBlock = 64;  // columns per unit of work in the columns layout
+
+struct Problem {  // y[i, j] = (sum_c x[i, c] * W[j, c]) * scale[j] + bias[j], i < m, j < n, c < k
+  const float* x;
+  int64_t m, k, n;
+  const float* scale;  // or nullptr
+};
+
+template <typename X>
+inline void store(X* y, const X* bias, int64_t j, float sum) {
+  *y = static_cast<X>(bias ? sum + static_cast<float>(bias[j]) : sum);
+}
+
+// ---- the portable loops -------------------------------------------------------------------------------------------
+
+template <typename X, typename W>
+void rows_portable(const Problem& p, const W* w, const X* bias, X* y, int64_t first, int64_t last) {
+  for (int64_t j = first; j < last; ++j) {
+    for (int64_t i = 0; i < p.m; ++i) {
+      float sum = 0;
+      for (int64_t c = 0; c < p.k; ++c) sum += p.x[i * p.k + c] * static_cast<float>(w[j * p.k + c]);
+      store(y + i * p.n + j, bias, j, p.scale ? sum * p.scale[j] : sum);
+    }
+  }
+}
+
+void columns_portable(const Problem& p, const float* w, const float* bias, float* y, int64_t first, int64_t last) {
+  for (int64_t i = 0; i < p.m; ++i) {
+    float* yi = y + i * p.n;
+    for (int64_t j = first; j < last; ++j) yi[j] = bias ? bias[j] : 0.0f;
+    for (int64_t c = 0; c < p.k; ++c)
+      for (int64_t j = first; j < last; ++j) yi[j] += p.x[i * p.k + c] * w[c * p.n + j];
+  }
+}
+
+#if defined(__x86_64__)
+// ---- the AVX2 loops -----------------------------------------------------------------------------------------------
+
+#define AVX2 __attribute__((target("avx2,fma")))
+
+AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+AVX2 inline __m256 load8(const c10::BFloat16* p) {  // a bf16 is the top half of a float32
+  __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+AVX2 inline __m256 load8(const int8_t* p) {
+  __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+}
+AVX2 inline float sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+template <typename X, typename W>
+AVX2 void rows_avx2(const Problem& p, const W* w, const X* bias, X* y, int64_t first, int64_t last) {
+  const int64_t k = p.k, k16 = k - k % 16;
+  int64_t j = first;
+  for (; j + kRowBlock <= last; j += kRowBlock) {
+    const W* r = w + j * k;
+    for (int64_t i = 0; i < p.m; ++i) {
+      const float* xi = p.x + i * k;
+      // two sums per row, over alternate groups of 8: eight independent FMA chains keep the loads coming
+      __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, t0 = s0, t1 = s0, t2 = s0, t3 = s0;
+      // the next block of rows, fetched while this one is summed: the hardware prefetcher alone falls behind
+      const char* next = reinterpret_cast<const char*>(r + kRowBlock * k);
+      for (int64_t c = 0; c < k16; c += 16) {
+        for (size_t line = 0; line < sizeof(W); ++line)
+          _mm_prefetch(next + (c * sizeof(W) + line * 16) * kRowBlock, _MM_HINT_T0);
+        __m256 xa = _mm256_loadu_ps(xi + c), xb = _mm256_loadu_ps(xi + c + 8);
+        s0 = _mm256_fmadd_ps(load8(r + c), xa, s0);
+        s1 = _mm256_fmadd_ps(load8(r + k + c), xa, s1);
+        s2 = _mm256_fmadd_ps(load8(r + 2 * k + c), xa, s2);
+        s3 = _mm256_fmadd_ps(load8(r + 3 * k + c), xa, s3);
+        t0 = _mm256_fmadd_ps(load8(r + c + 8), xb, t0);
+        t1 = _mm256_fmadd_ps(load8(r + k + c + 8), xb, t1);
+        t2 = _mm256_fmadd_ps(load8(r + 2 * k + c + 8), xb, t2);
+        t3 = _mm256_fmadd_ps(load8(r + 3 * k + c + 8), xb, t3);
+      }
+      float sums[kRowBlock] = {sum8(_mm256_add_ps(s0, t0)), sum8(_mm256_add_ps(s1, t1)),
+                               sum8(_mm256_add_ps(s2, t2)), sum8(_mm256_add_ps(s3, t3))};
+      for (int64_t b = 0; b < kRowBlock; ++b) {
+        for (int64_t c = k16; c < k; ++c) sums[b] += xi[c] * static_cast<float>(r[b * k + c]);
+        store(y + i * p.n + j + b, bias, j + b, p.scale ? sums[b] * p.scale[j + b] : sums[b]);
+      }
+    }
+  }
+  rows_portable(p, w, bias, y, j, last);  // the last rows that do not fill a block
+}
+
+AVX2 void columns_avx2(const Problem& p, const float* w, const float* bias, float* y, int64_t first, int64_t last) {
+  const int64_t n = p.n, last8 = first + (last - first) / 8 * 8;
+  for (int64_t i = 0; i < p.m; ++i)
+    for (int64_t j = first; j < last; ++j) y[i * n + j] = bias ? bias[j] : 0.0f;
+  int64_t c = 0;
+  for (; c + 4 <= p.k; c += 4) {  // four rows of the (k, n) matrix at a time: a quarter of the loads and stores of y
+    const float* r = w + c * n;
+    for (int64_t i = 0; i < p.m; ++i) {
+      const float* xi = p.x + i * p.k + c;
+      __m256 x0 = _mm256_set1_ps(xi[0]), x1 = _mm256_set1_ps(xi[1]), x2 = _mm256_set1_ps(xi[2]),
+             x3 = _mm256_set1_ps(xi[3]);
+      float* yi = y + i * n;
+      int64_t j = first;
+      for (; j < last8; j += 8) {
+        __m256 sum = _mm256_loadu_ps(yi + j);
+        sum = _mm256_fmadd_ps(x0, _mm256_loadu_ps(r + j), sum);
+        sum = _mm256_fmadd_ps(x1, _mm256_loadu_ps(r + n + j), sum);
+        sum = _mm256_fmadd_ps(x2, _mm256_loadu_ps(r + 2 * n + j), sum);
+        sum = _mm256_fmadd_ps(x3, _mm256_loadu_ps(r + 3 * n + j), sum);
+        _mm256_storeu_ps(yi + j, sum);
+      }
+      for (; j < last; ++j) yi[j] += xi[0] * r[j] + xi[1] * r[n + j] + xi[2] * r[2 * n + j] + xi[3] * r[3 * n + j];
+    }
+  }
+  for (; c < p.k; ++c)
+    for (int64_t i = 0; i < p.m; ++i)
+      for (int64_t j = first; j < last; ++j) y[i * n + j] += p.x[i * p.k + c] * w[c * n + j];
+}
+
+bool cpu_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+#else
+bool cpu_has_avx2() { return false; }
+template <typename X, typename W>
+void rows_avx2(const Problem& p, const W* w, const X* bias, X* y, int64_t first, int64_t last) {
+  rows_portable(p, w, bias, y, first, last);
+}
+void columns_avx2(const Problem& p, const float* w, const float* bias, float* y, int64_t first, int64_t last) {
+  columns_portable(p, w, bias, y, first, last);
+}
+#endif
+
+// ---- the operator -------------------------------------------------------------------------------------------------
+
+template <typename X, typename W>
+void run_rows(const Problem& p, const W* w, const X* bias, X* y, bool avx2) {
+  at::parallel_for(0, (p.n + kRowBlock - 1) / kRowBlock, 16, [&](int64_t begin, int64_t end) {
+    const int64_t first = begin * kRowBlock, last = std::min(end * kRowBlock, p.n);
+    if (avx2) rows_avx2(p, w, bias, y, first, last);
+    else rows_portable(p, w, bias, y, first, last);
+  });
+}
+
+template <typename X>
+void run(const Problem& p, const at::Tensor& weight, const X* bias, X* y, bool columns, bool avx2) {
+  if (weight.scalar_type() == at::kChar) return run_rows(p, weight.const_data_ptr<int8_t>(), bias, y, avx2);
+  if constexpr (std::is_same_v<X, float>) {
+    if (columns) {
+      at::parallel_for(0, (p.n + kColumnBlock - 1) / kColumnBlock, 1, [&](int64_t begin, int64_t end) {
+        const int64_t first = begin * kColumnBlock, last = std::min(end * kColumnBlock, p.n);
+        if (avx2) columns_avx2(p, weight.const_data_ptr<float>(), bias, y, first, last);
+        else columns_portable(p, weight.const_data_ptr<float>(), bias, y, first, last);
+      });
+      return;
+    }
+  }
+  run_rows(p, weight.const_data_ptr<X>(), bias, y, avx2);
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const std::optional<at::Tensor>& scale, bool portable) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "minhub::linear: float32 or bfloat16 activations, not ",
+              dtype);
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu() && x.is_contiguous(),
+              "minhub::linear: contiguous CPU activations and a CPU weight");
+  TORCH_CHECK(weight.dim() == 2 && x.dim() >= 1 && x.size(-1) == weight.size(1), "minhub::linear: x ", x.sizes(),
+              " and a weight of ", weight.sizes(), " do not multiply");
+  const int64_t n = weight.size(0), k = weight.size(1);
+  const bool int8 = weight.scalar_type() == at::kChar;
+  TORCH_CHECK(int8 || weight.scalar_type() == dtype, "minhub::linear: a ", weight.scalar_type(), " weight with ",
+              dtype, " activations");
+  TORCH_CHECK(int8 == scale.has_value(), "minhub::linear: int8 weights need their scales, other weights none");
+  TORCH_CHECK(!int8 || ((scale->scalar_type() == at::kFloat || scale->scalar_type() == at::kBFloat16) &&
+                         scale->is_contiguous() && scale->numel() == n),
+              "minhub::linear: int8 scales are float32 or bfloat16, one per output row");
+  TORCH_CHECK(!bias || (bias->scalar_type() == dtype && bias->is_contiguous() && bias->numel() == n),
+              "minhub::linear: the bias is contiguous, one per output row, in the activations' dtype");
+  const bool rows = weight.stride(1) == 1 && (weight.stride(0) == k || n == 1);
+  const bool columns = !rows && weight.stride(0) == 1 && weight.stride(1) == n && weight.scalar_type() == at::kFloat;
+  TORCH_CHECK(rows || columns, "minhub::linear: the weight must be row-major (or in float32, a transposed row-major "
+              "matrix); call .contiguous() on it");
+
+  const int64_t m = x.numel() / k;
+  std::vector<float> converted;  // bf16 activations in float32: a few kB
+  const float* xf;
+  if (dtype == at::kFloat) {
+    xf = x.const_data_ptr<float>();
+  } else {
+    const c10::BFloat16* xb = x.const_data_ptr<c10::BFloat16>();
+    converted.assign(xb, xb + m * k);
+    xf = converted.data();
+  }
+  std::vector<float> scale_f;  // bf16 scales in float32
+  const float* scales = nullptr;
+  if (int8 && scale->scalar_type() == at::kFloat) {
+    scales = scale->const_data_ptr<float>();
+  } else if (int8) {
+    const c10::BFloat16* sb = scale->const_data_ptr<c10::BFloat16>();
+    scale_f.assign(sb, sb + n);
+    scales = scale_f.data();
+  }
+  const Problem p{xf, m, k, n, scales};
+  auto sizes = x.sizes().vec();
+  sizes.back() = n;
+  at::Tensor y = at::empty(sizes, x.options());
+  const bool avx2 = !portable && cpu_has_avx2();
+  if (dtype == at::kFloat)
+    run(p, weight, bias ? bias->const_data_ptr<float>() : nullptr, y.mutable_data_ptr<float>(), columns, avx2);
+  else
+    run(p, weight, bias ? bias->const_data_ptr<c10::BFloat16>() : nullptr, y.mutable_data_ptr<c10::BFloat16>(),
+        columns, avx2);
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(minhub, m) {
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias, Tensor? scale=None, bool portable=False) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(minhub, CPU, m) { m.impl("linear", &linear); }
