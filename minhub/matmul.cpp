@@ -81,13 +81,14 @@ AVX2 inline float sum8(__m256 v) {
 }
 
 template <typename X, typename W>
-AVX2 void rows_avx2(const Problem& p, const W* w, const X* bias, X* y, int64_t first, int64_t last) {
+AVX2 void one_row_avx2(const Problem& p, const W* w, const X* bias, X* y, int64_t first, int64_t last) {
   const int64_t k = p.k, k16 = k - k % 16;
   int64_t j = first;
   for (; j + kRowBlock <= last; j += kRowBlock) {
     const W* r = w + j * k;
-    for (int64_t i = 0; i < p.m; ++i) {
-      const float* xi = p.x + i * k;
+    {
+      const int64_t i = 0;
+      const float* xi = p.x;
       // two sums per row, over alternate groups of 8: eight independent FMA chains keep the loads coming
       __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, t0 = s0, t1 = s0, t2 = s0, t3 = s0;
       // the next block of rows, fetched while this one is summed: the hardware prefetcher alone falls behind
@@ -116,29 +117,84 @@ AVX2 void rows_avx2(const Problem& p, const W* w, const X* bias, X* y, int64_t f
   rows_portable(p, w, bias, y, j, last);  // the last rows that do not fill a block
 }
 
-AVX2 void columns_avx2(const Problem& p, const float* w, const float* bias, float* y, int64_t first, int64_t last) {
+// M activation rows (1 or 2) times four weight rows: each load feeds two to four FMAs, 4M independent sums
+template <int M, typename X, typename W>
+AVX2 void block_avx2(const Problem& p, const float* x, const W* r, const X* bias, X* y, int64_t j) {
+  const int64_t k = p.k, k8 = k - k % 8;
+  __m256 s[M][kRowBlock];
+  for (int i = 0; i < M; ++i)
+    for (int b = 0; b < kRowBlock; ++b) s[i][b] = _mm256_setzero_ps();
+  const char* next = reinterpret_cast<const char*>(r + kRowBlock * k);  // the next rows, as in one_row_avx2
+  for (int64_t c = 0; c < k8; c += 8) {
+    _mm_prefetch(next + c * kRowBlock * sizeof(W), _MM_HINT_T0);
+    __m256 xv[M];
+    for (int i = 0; i < M; ++i) xv[i] = _mm256_loadu_ps(x + i * k + c);
+    for (int b = 0; b < kRowBlock; ++b) {
+      const __m256 wv = load8(r + b * k + c);
+      for (int i = 0; i < M; ++i) s[i][b] = _mm256_fmadd_ps(wv, xv[i], s[i][b]);
+    }
+  }
+  for (int i = 0; i < M; ++i) {
+    for (int64_t b = 0; b < kRowBlock; ++b) {
+      float sum = sum8(s[i][b]);
+      for (int64_t c = k8; c < k; ++c) sum += x[i * k + c] * static_cast<float>(r[b * k + c]);
+      store(y + i * p.n + j + b, bias, j + b, p.scale ? sum * p.scale[j + b] : sum);
+    }
+  }
+}
+
+template <typename X, typename W>
+AVX2 void rows_avx2(const Problem& p, const W* w, const X* bias, X* y, int64_t first, int64_t last) {
+  if (p.m == 1) return one_row_avx2(p, w, bias, y, first, last);
+  int64_t j = first;
+  for (; j + kRowBlock <= last; j += kRowBlock) {  // read from memory once, from L1 for the next activation rows
+    const W* r = w + j * p.k;
+    int64_t i = 0;
+    for (; i + 2 <= p.m; i += 2) block_avx2<2>(p, p.x + i * p.k, r, bias, y + i * p.n, j);
+    if (i < p.m) block_avx2<1>(p, p.x + i * p.k, r, bias, y + i * p.n, j);
+  }
+  rows_portable(p, w, bias, y, j, last);  // the last rows that do not fill a block
+}
+
+// y[i, first:last] += x[i, c:c+4] . w[c:c+4, first:last] for M activation rows (1 or 2) from row i: each weight load
+// feeds M FMAs
+template <int M>
+AVX2 void columns_block_avx2(const Problem& p, const float* r, int64_t c, int64_t i, float* y, int64_t first,
+                             int64_t last) {
   const int64_t n = p.n, last8 = first + (last - first) / 8 * 8;
+  __m256 xv[M][4];
+  for (int a = 0; a < M; ++a)
+    for (int b = 0; b < 4; ++b) xv[a][b] = _mm256_set1_ps(p.x[(i + a) * p.k + c + b]);
+  int64_t j = first;
+  for (; j < last8; j += 8) {
+    const __m256 w0 = _mm256_loadu_ps(r + j), w1 = _mm256_loadu_ps(r + n + j), w2 = _mm256_loadu_ps(r + 2 * n + j),
+                 w3 = _mm256_loadu_ps(r + 3 * n + j);
+    for (int a = 0; a < M; ++a) {
+      float* yi = y + (i + a) * n + j;
+      __m256 sum = _mm256_loadu_ps(yi);
+      sum = _mm256_fmadd_ps(xv[a][0], w0, sum);
+      sum = _mm256_fmadd_ps(xv[a][1], w1, sum);
+      sum = _mm256_fmadd_ps(xv[a][2], w2, sum);
+      sum = _mm256_fmadd_ps(xv[a][3], w3, sum);
+      _mm256_storeu_ps(yi, sum);
+    }
+  }
+  for (; j < last; ++j)
+    for (int a = 0; a < M; ++a) {
+      const float* xi = p.x + (i + a) * p.k + c;
+      y[(i + a) * n + j] += xi[0] * r[j] + xi[1] * r[n + j] + xi[2] * r[2 * n + j] + xi[3] * r[3 * n + j];
+    }
+}
+
+AVX2 void columns_avx2(const Problem& p, const float* w, const float* bias, float* y, int64_t first, int64_t last) {
+  const int64_t n = p.n;
   for (int64_t i = 0; i < p.m; ++i)
     for (int64_t j = first; j < last; ++j) y[i * n + j] = bias ? bias[j] : 0.0f;
   int64_t c = 0;
   for (; c + 4 <= p.k; c += 4) {  // four rows of the (k, n) matrix at a time: a quarter of the loads and stores of y
-    const float* r = w + c * n;
-    for (int64_t i = 0; i < p.m; ++i) {
-      const float* xi = p.x + i * p.k + c;
-      __m256 x0 = _mm256_set1_ps(xi[0]), x1 = _mm256_set1_ps(xi[1]), x2 = _mm256_set1_ps(xi[2]),
-             x3 = _mm256_set1_ps(xi[3]);
-      float* yi = y + i * n;
-      int64_t j = first;
-      for (; j < last8; j += 8) {
-        __m256 sum = _mm256_loadu_ps(yi + j);
-        sum = _mm256_fmadd_ps(x0, _mm256_loadu_ps(r + j), sum);
-        sum = _mm256_fmadd_ps(x1, _mm256_loadu_ps(r + n + j), sum);
-        sum = _mm256_fmadd_ps(x2, _mm256_loadu_ps(r + 2 * n + j), sum);
-        sum = _mm256_fmadd_ps(x3, _mm256_loadu_ps(r + 3 * n + j), sum);
-        _mm256_storeu_ps(yi + j, sum);
-      }
-      for (; j < last; ++j) yi[j] += xi[0] * r[j] + xi[1] * r[n + j] + xi[2] * r[2 * n + j] + xi[3] * r[3 * n + j];
-    }
+    int64_t i = 0;
+    for (; i + 2 <= p.m; i += 2) columns_block_avx2<2>(p, w + c * n, c, i, y, first, last);
+    if (i < p.m) columns_block_avx2<1>(p, w + c * n, c, i, y, first, last);
   }
   for (; c < p.k; ++c)
     for (int64_t i = 0; i < p.m; ++i)
