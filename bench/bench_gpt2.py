@@ -222,9 +222,10 @@ def main() -> None:
                         "minhub fp32 packed": (ours, fp32_packed), "minhub bf16": (ours, reduced["bf16"]),
                         "minhub bf16 packed": (ours, reduced.get("bf16 packed")), "minhub int8": (ours, reduced["int8"]),
                         "minhub int8 compiled": (ours, int8_compiled), "transformers fp32": (theirs, ref)}
-            if batch > 1 and not cpu.onednn_bf16:
+            if batch > 1 and not cpu.onednn_bf16 and matmul.plan().kernel(torch.bfloat16, False) == "blas":
                 # batched bf16 matmuls go to ATen's fallback kernel there, which takes minutes
-                unavailable["minhub bf16"] = "no oneDNN bf16 kernels: batched bf16 takes ATen's slow fallback"
+                unavailable["minhub bf16"] = "no oneDNN bf16 kernels nor minhub::linear: batched bf16 takes ATen's " \
+                                             "slow fallback"
             variants = {name: v for name, v in variants.items() if name not in unavailable}
             if compiled is not None:
                 compile_seconds = _timed(lambda: ours(compiled, idx, 2))  # the first decode step compiles

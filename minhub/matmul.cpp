@@ -25,7 +25,6 @@
 namespace {
 
 constexpr int64_t kRowBlock = 4;      // weight rows summed side by side
-constexpr int64_t kColumnBlock = 64;  // columns per unit of work in the columns layout
 
 struct Problem {  // y[i, j] = (sum_c x[i, c] * W[j, c]) * scale[j] + bias[j], i < m, j < n, c < k
   const float* x;
@@ -51,13 +50,11 @@ void rows_portable(const Problem& p, const W* w, const X* bias, X* y, int64_t fi
   }
 }
 
-void columns_portable(const Problem& p, const float* w, const float* bias, float* y, int64_t first, int64_t last) {
-  for (int64_t i = 0; i < p.m; ++i) {
-    float* yi = y + i * p.n;
-    for (int64_t j = first; j < last; ++j) yi[j] = bias ? bias[j] : 0.0f;
-    for (int64_t c = 0; c < p.k; ++c)
-      for (int64_t j = first; j < last; ++j) yi[j] += p.x[i * p.k + c] * w[c * p.n + j];
-  }
+// acc[i, :] += x[i, c0:c1] @ w[c0:c1, :], w being the (k, n) matrix
+void columns_portable(const Problem& p, const float* w, float* acc, int64_t c0, int64_t c1) {
+  for (int64_t i = 0; i < p.m; ++i)
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t j = 0; j < p.n; ++j) acc[i * p.n + j] += p.x[i * p.k + c] * w[c * p.n + j];
 }
 
 #if defined(__x86_64__)
@@ -156,49 +153,43 @@ AVX2 void rows_avx2(const Problem& p, const W* w, const X* bias, X* y, int64_t f
   rows_portable(p, w, bias, y, j, last);  // the last rows that do not fill a block
 }
 
-// y[i, first:last] += x[i, c:c+4] . w[c:c+4, first:last] for M activation rows (1 or 2) from row i: each weight load
-// feeds M FMAs
+// acc[i:i+M, :] += x[i:i+M, c:c+4] @ w[c:c+4, :] for M activation rows (1 or 2): each weight load feeds M FMAs
 template <int M>
-AVX2 void columns_block_avx2(const Problem& p, const float* r, int64_t c, int64_t i, float* y, int64_t first,
-                             int64_t last) {
-  const int64_t n = p.n, last8 = first + (last - first) / 8 * 8;
+AVX2 void columns_block_avx2(const Problem& p, const float* w, int64_t c, int64_t i, float* acc) {
+  const int64_t n = p.n, n8 = n - n % 8;
+  const float* r = w + c * n;
   __m256 xv[M][4];
   for (int a = 0; a < M; ++a)
     for (int b = 0; b < 4; ++b) xv[a][b] = _mm256_set1_ps(p.x[(i + a) * p.k + c + b]);
-  int64_t j = first;
-  for (; j < last8; j += 8) {
+  int64_t j = 0;
+  for (; j < n8; j += 8) {
     const __m256 w0 = _mm256_loadu_ps(r + j), w1 = _mm256_loadu_ps(r + n + j), w2 = _mm256_loadu_ps(r + 2 * n + j),
                  w3 = _mm256_loadu_ps(r + 3 * n + j);
     for (int a = 0; a < M; ++a) {
-      float* yi = y + (i + a) * n + j;
-      __m256 sum = _mm256_loadu_ps(yi);
+      float* out = acc + (i + a) * n + j;
+      __m256 sum = _mm256_loadu_ps(out);
       sum = _mm256_fmadd_ps(xv[a][0], w0, sum);
       sum = _mm256_fmadd_ps(xv[a][1], w1, sum);
       sum = _mm256_fmadd_ps(xv[a][2], w2, sum);
       sum = _mm256_fmadd_ps(xv[a][3], w3, sum);
-      _mm256_storeu_ps(yi, sum);
+      _mm256_storeu_ps(out, sum);
     }
   }
-  for (; j < last; ++j)
+  for (; j < n; ++j)
     for (int a = 0; a < M; ++a) {
       const float* xi = p.x + (i + a) * p.k + c;
-      y[(i + a) * n + j] += xi[0] * r[j] + xi[1] * r[n + j] + xi[2] * r[2 * n + j] + xi[3] * r[3 * n + j];
+      acc[(i + a) * n + j] += xi[0] * r[j] + xi[1] * r[n + j] + xi[2] * r[2 * n + j] + xi[3] * r[3 * n + j];
     }
 }
 
-AVX2 void columns_avx2(const Problem& p, const float* w, const float* bias, float* y, int64_t first, int64_t last) {
-  const int64_t n = p.n;
-  for (int64_t i = 0; i < p.m; ++i)
-    for (int64_t j = first; j < last; ++j) y[i * n + j] = bias ? bias[j] : 0.0f;
-  int64_t c = 0;
-  for (; c + 4 <= p.k; c += 4) {  // four rows of the (k, n) matrix at a time: a quarter of the loads and stores of y
+AVX2 void columns_avx2(const Problem& p, const float* w, float* acc, int64_t c0, int64_t c1) {
+  int64_t c = c0;
+  for (; c + 4 <= c1; c += 4) {  // four rows of the (k, n) matrix at a time: a quarter of the loads and stores of acc
     int64_t i = 0;
-    for (; i + 2 <= p.m; i += 2) columns_block_avx2<2>(p, w + c * n, c, i, y, first, last);
-    if (i < p.m) columns_block_avx2<1>(p, w + c * n, c, i, y, first, last);
+    for (; i + 2 <= p.m; i += 2) columns_block_avx2<2>(p, w, c, i, acc);
+    if (i < p.m) columns_block_avx2<1>(p, w, c, i, acc);
   }
-  for (; c < p.k; ++c)
-    for (int64_t i = 0; i < p.m; ++i)
-      for (int64_t j = first; j < last; ++j) y[i * n + j] += p.x[i * p.k + c] * w[c * n + j];
+  columns_portable(p, w, acc, c, c1);
 }
 
 bool cpu_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
@@ -208,8 +199,8 @@ template <typename X, typename W>
 void rows_avx2(const Problem& p, const W* w, const X* bias, X* y, int64_t first, int64_t last) {
   rows_portable(p, w, bias, y, first, last);
 }
-void columns_avx2(const Problem& p, const float* w, const float* bias, float* y, int64_t first, int64_t last) {
-  columns_portable(p, w, bias, y, first, last);
+void columns_avx2(const Problem& p, const float* w, float* acc, int64_t c0, int64_t c1) {
+  columns_portable(p, w, acc, c0, c1);
 }
 #endif
 
@@ -229,11 +220,21 @@ void run(const Problem& p, const at::Tensor& weight, const X* bias, X* y, bool c
   if (weight.scalar_type() == at::kChar) return run_rows(p, weight.const_data_ptr<int8_t>(), bias, y, avx2);
   if constexpr (std::is_same_v<X, float>) {
     if (columns) {
-      at::parallel_for(0, (p.n + kColumnBlock - 1) / kColumnBlock, 1, [&](int64_t begin, int64_t end) {
-        const int64_t first = begin * kColumnBlock, last = std::min(end * kColumnBlock, p.n);
-        if (avx2) columns_avx2(p, weight.const_data_ptr<float>(), bias, y, first, last);
-        else columns_portable(p, weight.const_data_ptr<float>(), bias, y, first, last);
+      // each thread sums its own contiguous share of the (k, n) matrix's rows into partial sums of all of y: reads
+      // stay sequential however narrow y is (splitting y's columns instead reads the matrix in strided pieces)
+      const int64_t threads = at::get_num_threads();
+      std::vector<float> partial(threads * p.m * p.n, 0.0f);
+      const float* wp = weight.const_data_ptr<float>();
+      at::parallel_for(0, p.k, 64, [&](int64_t c0, int64_t c1) {
+        float* acc = partial.data() + at::get_thread_num() * p.m * p.n;
+        if (avx2) columns_avx2(p, wp, acc, c0, c1);
+        else columns_portable(p, wp, acc, c0, c1);
       });
+      for (int64_t e = 0; e < p.m * p.n; ++e) {
+        float sum = 0.0f;
+        for (int64_t t = 0; t < threads; ++t) sum += partial[t * p.m * p.n + e];
+        store(y + e, bias, e % p.n, sum);
+      }
       return;
     }
   }
