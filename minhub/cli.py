@@ -60,8 +60,8 @@ def generate_command(args: argparse.Namespace) -> int:
     if args.dtype == "bfloat16" and device.type == "cpu" and hardware.cpu_info().onednn_bf16:
         from minhub.fast import prepack
 
-        # oneDNN's bf16 kernels are fastest with weights packed once; elsewhere the loader's matmul plan
-        # (minhub.matmul: row-major bf16 weights, a bf16 reduction kernel) runs them
+        # oneDNN's bf16 kernels are fastest with weights packed once (measured on the Xeon); elsewhere the
+        # loader's matmul plan (minhub.matmul: row-major bf16 weights, minhub::linear) runs them
         prepack(model, torch.bfloat16)
     if args.int8:
         from minhub.fast import quantize_int8

@@ -7,27 +7,20 @@ decodes 1.79x as fast as fp32 transformers at batch 1 and 2.52x at batch 8; fp32
 (1.51x at batch 8, plain fp32 1.16x) but not batch 1 (0.97x, plain 1.17x).
 
 quantize_int8: weight-only int8 as in pytorch-labs/gpt-fast (one scale per output row, activations in bf16), a quarter
-of fp32's bytes per token through PyTorch's int8 matrix kernel: 2.14x transformers fp32 at batch 1, 2.64x compiled;
-teacher-forced top-1 agreement with fp32 93% on random weights (the benchmark prints it).
+of fp32's bytes per token, through this machine's int8 kernel (minhub.matmul: minhub::linear, or PyTorch's
+torch._weight_int8pack_mm); teacher-forced top-1 agreement with fp32 93% on random weights (the benchmark prints it).
 
 compile_decode: at batch 1 each weight matmul streams megabytes through the CPU caches, so every small op that follows
 it (layer norm, residual add, attention, the Python between them) starts cold and costs tens of microseconds.
 Compiling the one-token step into C++ (torch.compile, inductor, cpp_wrapper) removes most of what runs between them.
-On the CPU its one-row fp32 matmuls also leave BLAS: a one-row product is a matrix-vector product, and BLAS reads
-the matrix for it well below the memory's speed on some CPUs (MKL's GEMV at 12-15 GB/s where a plain `.sum()` of
-the same matrix reads 25-29 GB/s on an AVX2 AMD EPYC). An inductor graph pass rewrites each into
-`(x * W).sum(-1)`, which inductor turns into one vectorised, multi-threaded loop over W's rows that reads W once at
-the speed of `.sum()`; the weights are made row-major for it. The input row is computed once into a buffer
-(`as_strided` forces that), not recomputed inside the loop for every row of W.
+The matrix products inside stay this machine's choice (minhub.matmul): minhub::linear is traced as an opaque call.
 
 None of this is applied by default: each trades something (compile time, precision, memory) for speed. What is
-applied by default, the fastest exact kernel per row count for this CPU, is minhub.matmul (measured once per
-machine); compile_decode's graph pass is the same one-row reduction, compiled into the whole step.
+applied by default, the fastest exact kernel per dtype and row count for this CPU, is minhub.matmul (measured once
+per machine); quantize_int8 and compile_decode use its choices too.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn as nn
@@ -121,7 +114,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if rows <= matmul.FEW_ROWS and self.kernels.get(rows == 1) == "minhub" and x.is_cpu and x.is_contiguous() \
-                and x.dtype == torch.bfloat16 and not torch.compiler.is_compiling():
+                and x.dtype == torch.bfloat16:
             return matmul.minhub_linear(x, self.weight, self.bias, self.scale)
         y = matmul.int8_linear(x.reshape(-1, self.in_features), self.weight, self.scale)
         y = y.view(*x.shape[:-1], self.out_features)
@@ -153,12 +146,12 @@ def compile_decode(model: GPT2) -> GPT2:
     """Make minhub's generation engine run a compiled version of `model`'s one-token decode step (through
     generation.use_decode_step); return the model. Prefill, scoring and training keep the eager forward.
 
-    On the CPU the fp32 weight matrices are made row-major (in place, one at a time: same values, same parameters)
-    and one-row matmuls become fused reductions (one_row_matmul_as_reduction). Compilation happens lazily at the
-    first decode step, once per kind of call (one row or several, with or without attention_mask): 20-40 s the
-    first time on a 2-core CPU, about 10 s when inductor's on-disk cache already holds it. Needs a C++ compiler and
-    Python.h on the CPU (inductor's requirement): without them it raises minhub.hardware.CPUFeatureError before
-    changing the model. Outputs equal the eager step's to float rounding (logits within 1e-4 of transformers').
+    The matrix products keep this machine's kernels (minhub.matmul's plan, traced as opaque calls); the weights keep
+    their layout. Compilation happens lazily at the first decode step, once per kind of call (one row or several,
+    with or without attention_mask): 20-40 s the first time on a 2-core CPU, about 10 s when inductor's on-disk cache
+    already holds it. Needs a C++ compiler and Python.h on the CPU (inductor's requirement): without them it raises
+    minhub.hardware.CPUFeatureError before changing the model. Outputs equal the eager step's to float rounding
+    (logits within 1e-4 of transformers').
     Forward hooks are not called inside the compiled step.
     """
     if not isinstance(model, GPT2):
@@ -169,51 +162,6 @@ def compile_decode(model: GPT2) -> GPT2:
         hardware.require_compiler("compile_decode")
     model.eval()
     options = {"cpp_wrapper": True}
-    if any(p.device.type == "cpu" for p in model.parameters()):
-        options["post_grad_custom_post_pass"] = one_row_matmul_as_reduction()
-        matmul.make_row_major(model)
     # dynamic=True: one graph for every cache position (and every batch size above 1), not one per position
     generation.use_decode_step(model, torch.compile(model.forward, dynamic=True, fullgraph=True, options=options))
     return model
-
-
-@functools.cache
-def one_row_matmul_as_reduction() -> torch._inductor.custom_graph_pass.CustomGraphPass:
-    """The inductor graph pass compile_decode uses on the CPU (built on first use: importing inductor takes a second).
-
-    On the CPU, `x @ W.T (+ b)` with one fp32 row x (1, k) and W (n, k) row-major becomes `(x * W).sum(-1) (+ b)`, a
-    loop over W's rows that reads W once at full memory speed (see the module docstring). Anything else (more rows,
-    other dtypes or devices, a transposed W) is left to the matmul kernel."""
-    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
-
-    class OneRowMatmulAsReduction(CustomGraphPass):
-        """Runs on the graph after autograd (post-grad), before inductor lowers it to C++."""
-
-        def __call__(self, graph: torch.fx.Graph) -> None:
-            aten = torch.ops.aten
-            for node in list(graph.nodes):
-                if node.op != "call_function" or node.target not in (aten.mm.default, aten.addmm.default) \
-                        or node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
-                    continue
-                x, w_t = node.args[-2:]  # w_t = W.T, (k, n)
-                xv, wv = x.meta["val"], w_t.meta["val"]
-                one_row = type(xv.shape[0]) is int and xv.shape[0] == 1  # a symbolic batch is left alone
-                if not (one_row and xv.device.type == "cpu" and xv.dtype == wv.dtype == torch.float32
-                        and xv.stride(-1) == 1 and wv.stride(0) == 1):
-                    continue
-                k, n = wv.shape
-                with graph.inserting_before(node):
-                    # as_strided, unlike a broadcast, makes inductor write x to a buffer first (see the docstring)
-                    rows = graph.call_function(aten.as_strided.default, (x, [1, n, k], [k, 0, 1]))
-                    weight = graph.call_function(aten.permute.default, (w_t, [1, 0]))
-                    product = graph.call_function(aten.mul.Tensor, (rows, weight))
-                    y = graph.call_function(aten.sum.dim_IntList, (product, [2]))
-                    if node.target is aten.addmm.default:
-                        y = graph.call_function(aten.add.Tensor, (y, node.args[0]))
-                node.replace_all_uses_with(y)
-                graph.erase_node(node)
-
-        def uuid(self) -> str:
-            return get_hash_for_files((__file__,))  # inductor's on-disk cache is keyed by this file's text
-
-    return OneRowMatmulAsReduction()

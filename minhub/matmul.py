@@ -210,6 +210,9 @@ def load_library(path: str, sha256: str | None) -> None:
         raise ValueError(f"{path} changed since it was measured")
     if not _loaded_library:
         torch.ops.load_library(path)
+        # the output's shape and dtype without running it: torch.compile (compile_decode) traces through the op
+        torch.library.register_fake("minhub::linear")(
+            lambda x, weight, bias, scale=None, portable=False: x.new_empty((*x.shape[:-1], weight.shape[0])))
         _loaded_library.append(path)
 
 
@@ -333,13 +336,14 @@ class CPULinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
         # the cheapest tests first: this runs for every matrix of every decoded token
-        if not (x.is_cpu and weight.is_cpu and x.dtype == weight.dtype) or torch.compiler.is_compiling() \
+        if not (x.is_cpu and weight.is_cpu and x.dtype == weight.dtype) \
                 or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
             return F.linear(x, weight, bias)
         rows = x.numel() // self.in_features
         kernel = self.kernels.get((x.dtype, rows == 1)) if rows <= FEW_ROWS else None
+        # the layouts minhub::linear reads: row-major, or fp32 (in, out) seen as (out, in) (it checks the rest)
         if kernel == "minhub" and x.is_contiguous() and (weight.is_contiguous() or (
-                x.dtype == torch.float32 and weight.t().is_contiguous())):  # the layouts minhub::linear reads
+                x.dtype == torch.float32 and weight.stride(0) == 1)):
             return minhub_linear(x, weight, bias)
         if kernel == "onednn":
             return onednn_linear(x, weight, bias)

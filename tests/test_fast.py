@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import hf_gpt2, save_checkpoint
 
-from minhub import generate, generation, gpt2_from_pretrained, hardware, pad_left
+from minhub import generate, generation, gpt2_from_pretrained, hardware, matmul, pad_left
 from minhub.fast import Int8Linear, PackedLinear, compile_decode, prepack, quantize_int8
 
 CPU = hardware.cpu_info()
@@ -91,38 +91,9 @@ def test_compiled_decode_step_equals_the_eager_one(checkpoint):
                            generate(eager, prompts, 20, temperature=0, attention_mask=mask))
 
 
-def test_the_one_row_pass_turns_one_row_fp32_matmuls_into_reductions_and_leaves_the_rest():
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    from minhub.fast import one_row_matmul_as_reduction
-
-    aten = torch.ops.aten
-    torch.manual_seed(0)
-    weight, bias = torch.randn(300, 200), torch.randn(300)
-    column_major = weight.t().contiguous().t()  # GPT-2's hub layout: the pass needs W's rows contiguous
-
-    def linears(x, w, b):
-        return torch.nn.functional.linear(x, w, b), torch.nn.functional.linear(x, w)
-
-    for x, w, rewritten in [(torch.randn(1, 200), weight, True), (torch.randn(3, 200), weight, False),
-                            (torch.randn(1, 200), column_major, False),
-                            (torch.randn(1, 200, dtype=torch.float64), weight.double(), False)]:
-        b = bias.to(w.dtype)
-        graph_module = make_fx(linears, tracing_mode="fake")(x, w, b)
-        one_row_matmul_as_reduction()(graph_module.graph)
-        graph_module.recompile()
-        targets = {n.target for n in graph_module.graph.nodes if n.op == "call_function"}
-        assert (aten.mm.default not in targets and aten.addmm.default not in targets) == rewritten
-        assert (aten.sum.dim_IntList in targets) == rewritten
-        for ours, reference in zip(graph_module(x, w, b), linears(x, w, b)):
-            assert (ours - reference).abs().max().item() <= 1e-5
-
-
 @needs_compiler
 def test_compiled_decode_step_matches_transformers_logits(checkpoint):
     model = compile_decode(gpt2_from_pretrained(checkpoint))
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    assert all(m.weight.is_contiguous() for m in linears)  # row-major, as the one-row pass reads them
     reference = hf_gpt2(seed=5, n_positions=40, n_layer=3).eval()
     idx = torch.randint(0, 101, (1, 30), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -130,7 +101,12 @@ def test_compiled_decode_step_matches_transformers_logits(checkpoint):
         model.setup_cache(1, 41)
         step = generation.decode_step(model)
         logits = torch.cat([model(idx[:, :1], 0)] + [step(idx[:, t:t + 1], t) for t in range(1, 30)], dim=1)[0]
+        with torch.profiler.profile() as prof:
+            step(idx[:, :1], 30)
     assert (logits - expected).abs().max().item() <= 1e-4
+    # inside the compiled step the matrix products keep this machine's kernel
+    planned = matmul.plan().kernel(torch.float32, one_row=True)
+    assert ("minhub::linear" in {e.key for e in prof.key_averages()}) == (planned == "minhub")
 
 
 def test_without_onednn_bf16_prepack_bf16_refuses_before_touching_the_model(checkpoint, monkeypatch):

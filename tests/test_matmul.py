@@ -392,3 +392,21 @@ def test_the_loader_lays_the_hub_matrices_out_for_the_plan(checkpoint, reference
         idx = torch.randint(0, VOCAB, (1, 30))
         with torch.inference_mode():
             assert (stepwise_logits(model, idx) - reference(idx).logits).abs().max().item() <= 1e-4
+
+
+def test_compile_decode_traces_minhub_linear_and_keeps_transformers_logits(checkpoint, reference, monkeypatch):
+    from minhub import generation
+    from minhub.fast import compile_decode
+
+    if not CPU.can_compile:
+        pytest.skip(f"compile_decode needs inductor's C++ toolchain; {CPU.describe()}")
+    model = compile_decode(load_with(checkpoint, "minhub", monkeypatch))
+    idx = torch.randint(0, VOCAB, (1, 30))
+    with torch.inference_mode():
+        model.setup_cache(1, 49)
+        step = generation.decode_step(model)
+        logits = torch.cat([model(idx[:, :1], 0)] + [step(idx[:, t:t + 1], t) for t in range(1, 30)], dim=1)
+        assert (logits - reference(idx).logits).abs().max().item() <= 1e-4
+        with torch.profiler.profile() as prof:
+            step(idx[:, :1], 30)
+    assert "minhub::linear" in {event.key for event in prof.key_averages()}
