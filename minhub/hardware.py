@@ -9,9 +9,11 @@ callers look it up through the module at call time: `hardware.cpu_info()`, never
 What depends on what (torch 2.13, CPU wheel):
 - bf16 weights packed for oneDNN (`minhub.fast.prepack(model, torch.bfloat16)`): oneDNN's bf16 matmul, which needs
   AVX-512 BW+VL+DQ or AVX-NE-CONVERT. AVX2-only CPUs (e.g. AMD EPYC Zen 2/3) lack both.
-- a compiled decode step (`compile_decode`, `minhub train --compile` on the CPU), and the default path's one-row
-  reduction kernel (minhub.matmul, built once per machine): inductor writes C++ and builds it with $CXX or g++,
-  including Python.h. Without them the default path measures BLAS and oneDNN only.
+- a compiled decode step (`compile_decode`, `minhub train --compile` on the CPU): inductor writes C++ and builds it
+  with $CXX or g++, including Python.h.
+- the default path's own kernel, minhub::linear (minhub.matmul, built once per machine from matmul.cpp): $CXX or g++
+  only; its AVX2 loops where the CPU has AVX2 and FMA, portable loops elsewhere. Without a compiler the default path
+  measures PyTorch's kernels and oneDNN only.
 - fp32 packing and int8 weights (`_weight_int8pack_mm`) run on every x86-64 CPU torch supports.
 """
 
