@@ -111,6 +111,13 @@ def machine_key() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def library_path() -> Path:
+    """Where minhub::linear is built: one library per kernel source, torch version and compiler, shared by the plans
+    of every thread count."""
+    text = json.dumps([_sha256(SOURCE), torch.__version__, hardware.cpu_info().cxx])
+    return cache_dir() / "kernels" / hashlib.sha256(text.encode()).hexdigest()[:16] / LIBRARY
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -157,10 +164,10 @@ def _cached_or_measured(key: str) -> MatmulPlan:
     except Exception as e:  # an unreadable plan or library: measure again rather than fail the load
         log.warning("minhub: the saved matmul plan in %s is unusable (%s: %s); measuring again", directory,
                     type(e).__name__, e)
-        (directory / LIBRARY).unlink(missing_ok=True)
+        library_path().unlink(missing_ok=True)
     log.warning("minhub: measuring this CPU's matrix kernels, once per machine (about 15 s when it builds "
                 "minhub's); the result is kept in %s (delete it to measure again)", directory)
-    measured = measure(directory)
+    measured = measure(library_path())
     try:
         directory.mkdir(parents=True, exist_ok=True)
         _write_atomically(path, json.dumps(asdict(measured), indent=2).encode())
@@ -250,8 +257,8 @@ def _timed_rounds(candidates: dict[str, Callable[[], object]], rounds: int) -> d
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def measure(directory: Path, rounds: int = 5) -> MatmulPlan:
-    """Build minhub::linear into `directory` if this machine can, time every candidate it can run on GPT-2 124M's
+def measure(library_file: Path, rounds: int = 5) -> MatmulPlan:
+    """Build minhub::linear at `library_file` (unless it is there) if this machine can, time every candidate it can run on GPT-2 124M's
     matrix shapes (four layers), for each weight dtype at one row and at 8 rows, and return the fastest of each."""
     info = hardware.cpu_info()
     notes, library, sha256 = [], None, None
@@ -259,11 +266,10 @@ def measure(directory: Path, rounds: int = 5) -> MatmulPlan:
         notes.append("no minhub::linear: no C++ compiler (install g++, then delete the plan to measure again)")
     else:
         try:
-            path = directory / LIBRARY
-            if not path.is_file():
-                directory.mkdir(parents=True, exist_ok=True)
-                build_library(path)
-            library, sha256 = str(path), _sha256(path)
+            if not library_file.is_file():
+                library_file.parent.mkdir(parents=True, exist_ok=True)
+                build_library(library_file)
+            library, sha256 = str(library_file), _sha256(library_file)
             load_library(library, sha256)
         except Exception as e:  # a broken toolchain must not stop loading: PyTorch's kernels still work
             library = None

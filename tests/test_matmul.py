@@ -29,7 +29,7 @@ def library() -> tuple[str, str]:
     if CPU.cxx is None:
         pytest.skip(f"minhub::linear needs a C++ compiler; {CPU.describe()}")
     matmul.plan()
-    path = matmul.cache_dir() / matmul.machine_key() / matmul.LIBRARY
+    path = matmul.library_path()
     if not path.is_file():
         pytest.fail(f"a C++ compiler is here but minhub::linear was not built: {matmul.plan().describe()}")
     sha256 = matmul._sha256(path)
@@ -267,20 +267,20 @@ def test_quantize_int8_takes_the_plans_int8_kernel(checkpoint, monkeypatch):
 
 
 def test_the_plan_is_measured_once_and_read_back(tmp_path, monkeypatch):
-    built = matmul.cache_dir() / matmul.machine_key() / matmul.LIBRARY
+    built = matmul.library_path()
     monkeypatch.setenv("MINHUB_CACHE", str(tmp_path))
     monkeypatch.setattr(matmul, "_plans", {})
     if built.is_file():  # a library already built is measured, not built again
-        (tmp_path / matmul.machine_key()).mkdir()
-        shutil.copy(built, tmp_path / matmul.machine_key())
+        matmul.library_path().parent.mkdir(parents=True)
+        shutil.copy(built, matmul.library_path())
     first = matmul.plan()
     saved = tmp_path / matmul.machine_key() / "plan.json"
     if first.library is not None:
-        assert first.library == str(tmp_path / matmul.machine_key() / matmul.LIBRARY)
+        assert first.library == str(matmul.library_path()) and str(tmp_path) in first.library
     assert json.loads(saved.read_text())["kernels"] == first.kernels
     assert set(first.measured_gbs) >= {"float32 one row: blas", "float32 few rows: blas", "int8 one row: blas"}
 
-    def no_measuring(directory):
+    def no_measuring(library_file):
         raise AssertionError("measured again")
 
     monkeypatch.setattr(matmul, "measure", no_measuring)
@@ -290,7 +290,7 @@ def test_the_plan_is_measured_once_and_read_back(tmp_path, monkeypatch):
     saved.write_text("{not json")  # a corrupt plan is measured again, not trusted
     monkeypatch.setattr(matmul, "_plans", {})
     remeasured = MatmulPlan(notes=("measured again",))
-    monkeypatch.setattr(matmul, "measure", lambda directory: remeasured)
+    monkeypatch.setattr(matmul, "measure", lambda library_file: remeasured)
     assert matmul.plan() == remeasured
     assert json.loads(saved.read_text())["notes"] == ["measured again"]
 
@@ -300,12 +300,13 @@ def test_a_saved_library_that_changed_is_measured_again(tmp_path, monkeypatch, c
     monkeypatch.setattr(matmul, "_plans", {})
     directory = tmp_path / matmul.machine_key()
     directory.mkdir()
-    built = directory / matmul.LIBRARY
+    built = matmul.library_path()
+    built.parent.mkdir(parents=True)
     built.write_bytes(b"truncated")  # e.g. by a full disk
     saved = MatmulPlan(kernels={"float32 one row": "minhub"}, library=str(built), library_sha256="0" * 64)
     (directory / "plan.json").write_text(json.dumps(dataclasses.asdict(saved)))
     remeasured = MatmulPlan(notes=("measured again",))
-    monkeypatch.setattr(matmul, "measure", lambda directory: remeasured)
+    monkeypatch.setattr(matmul, "measure", lambda library_file: remeasured)
     assert matmul.plan() == remeasured
     assert not built.exists()  # deleted, so that the measurement builds it again
     assert "unusable" in caplog.text and "changed since it was measured" in caplog.text
@@ -328,7 +329,7 @@ def fake_cpu(monkeypatch, **changes) -> None:
 
 def test_without_a_compiler_pytorchs_kernels_are_used(tmp_path, monkeypatch):
     fake_cpu(monkeypatch, cxx=None)
-    plan = matmul.measure(tmp_path)
+    plan = matmul.measure(tmp_path / matmul.LIBRARY)
     assert "minhub" not in plan.kernels.values() and plan.library is None
     assert not any(name.endswith(": minhub") for name in plan.measured_gbs)
     assert any("no C++ compiler" in note for note in plan.notes)
@@ -337,7 +338,7 @@ def test_without_a_compiler_pytorchs_kernels_are_used(tmp_path, monkeypatch):
 
 def test_a_compiler_that_fails_leaves_pytorchs_kernels_and_says_why(tmp_path, monkeypatch):
     fake_cpu(monkeypatch, cxx=shutil.which("false") or "/bin/false")
-    plan = matmul.measure(tmp_path)
+    plan = matmul.measure(tmp_path / matmul.LIBRARY)
     assert plan.library is None and "minhub" not in plan.kernels.values()
     assert any("building it failed" in note for note in plan.notes), plan.notes
     assert not (tmp_path / matmul.LIBRARY).exists()
@@ -345,7 +346,7 @@ def test_a_compiler_that_fails_leaves_pytorchs_kernels_and_says_why(tmp_path, mo
 
 def test_without_onednn_few_rows_stay_off_onednn(tmp_path, monkeypatch):
     fake_cpu(monkeypatch, cxx=None, onednn=False)
-    plan = matmul.measure(tmp_path)
+    plan = matmul.measure(tmp_path / matmul.LIBRARY)
     assert "onednn" not in plan.kernels.values() and "float32 few rows: onednn" not in plan.measured_gbs
     assert any("no oneDNN" in note for note in plan.notes)
 
@@ -358,10 +359,14 @@ def test_the_plan_depends_on_the_machine_and_the_kernels_source(monkeypatch, tmp
     fake_cpu(monkeypatch, model="Another CPU")
     assert matmul.machine_key() != key
     monkeypatch.undo()
+    library = matmul.library_path()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 97)
+    assert matmul.library_path() == library  # every thread count's plan shares the library
+    monkeypatch.undo()
     edited = tmp_path / "matmul.cpp"
     edited.write_text(matmul.SOURCE.read_text() + "\n// an edit\n")
     monkeypatch.setattr(matmul, "SOURCE", edited)
-    assert matmul.machine_key() != key
+    assert matmul.machine_key() != key and matmul.library_path() != library
 
 
 def test_minhub_matmul_blas_gives_plain_linears_and_nonsense_is_refused(checkpoint, monkeypatch):
