@@ -18,6 +18,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -206,10 +207,25 @@ void columns_avx2(const Problem& p, const float* w, float* acc, int64_t c0, int6
 
 // ---- the operator -------------------------------------------------------------------------------------------------
 
+// Runs work(begin, end) over [0, n) in chunks of about kChunkBytes of weights, which the threads take in turn from a
+// shared counter: a thread that starts late (woken after the others) takes fewer chunks instead of making the others
+// wait for its fixed share, as a static split would.
+constexpr int64_t kChunkBytes = 256 * 1024;
+
+template <typename F>
+void in_chunks(int64_t n, int64_t bytes_per_item, int64_t multiple_of, const F& work) {
+  int64_t chunk = std::max<int64_t>(1, kChunkBytes / bytes_per_item);
+  chunk = (chunk + multiple_of - 1) / multiple_of * multiple_of;
+  const int64_t chunks = (n + chunk - 1) / chunk;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(chunks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t c = next++; c < chunks; c = next++) work(c * chunk, std::min(n, (c + 1) * chunk));
+  });
+}
+
 template <typename X, typename W>
 void run_rows(const Problem& p, const W* w, const X* bias, X* y, bool avx2) {
-  at::parallel_for(0, (p.n + kRowBlock - 1) / kRowBlock, 16, [&](int64_t begin, int64_t end) {
-    const int64_t first = begin * kRowBlock, last = std::min(end * kRowBlock, p.n);
+  in_chunks(p.n, p.k * sizeof(W), kRowBlock, [&](int64_t first, int64_t last) {
     if (avx2) rows_avx2(p, w, bias, y, first, last);
     else rows_portable(p, w, bias, y, first, last);
   });
@@ -225,7 +241,7 @@ void run(const Problem& p, const at::Tensor& weight, const X* bias, X* y, bool c
       const int64_t threads = at::get_num_threads();
       std::vector<float> partial(threads * p.m * p.n, 0.0f);
       const float* wp = weight.const_data_ptr<float>();
-      at::parallel_for(0, p.k, 64, [&](int64_t c0, int64_t c1) {
+      in_chunks(p.k, p.n * sizeof(float), 4, [&](int64_t c0, int64_t c1) {
         float* acc = partial.data() + at::get_thread_num() * p.m * p.n;
         if (avx2) columns_avx2(p, wp, acc, c0, c1);
         else columns_portable(p, wp, acc, c0, c1);

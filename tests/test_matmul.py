@@ -76,7 +76,8 @@ def operands(case: str, rows: int, n: int, k: int):
 @pytest.mark.parametrize("portable", [False, True], ids=["avx2-where-present", "portable"])
 @pytest.mark.parametrize("rows", [1, 3, 16])
 @pytest.mark.parametrize("case", ["float32 rows", "float32 columns", "bfloat16", "int8"])
-@pytest.mark.parametrize("n,k", [(64, 96), (37, 45), (8, 3088)])
+# the last two span several 256 kB chunks of work (rows, and the (in, out) layout's rows of the stored matrix)
+@pytest.mark.parametrize("n,k", [(64, 96), (37, 45), (8, 3088), (602, 1000), (40, 7003)])
 def test_minhub_linear_equals_float64_sums(case, rows, portable, n, k):
     library()
     x, weight, bias, scale = operands(case, rows, n, k)
