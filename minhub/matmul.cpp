@@ -2,11 +2,12 @@
 // weight once at the speed of memory. minhub/matmul.py builds it once per machine (the C++ compiler against the
 // installed torch), measures it against PyTorch's kernels, and loads it with torch.ops.load_library.
 //
-// x (..., k) float32 or bfloat16, m rows in all; W (n, k) in x's dtype, or int8 with one float32 scale per output
-// row; b (n,) in x's dtype or absent; y (..., n) in x's dtype; sums in float32. W is either row-major (nn.Linear's
-// layout, "rows") or, in float32, the transposed view of an (k, n) matrix (the hub's GPT-2 layout, "columns").
-// Each thread reads its own contiguous share of W once; x stays in the L1 cache. The AVX2 loops run where the CPU has
-// AVX2 and FMA, the portable ones everywhere else and wherever `portable` asks for them (as the tests do).
+// x (..., k) float32 or bfloat16, m rows in all; W (n, k) in x's dtype, or int8 with one scale per output row
+// (float32 or bfloat16); b (n,) in x's dtype or absent; y (..., n) in x's dtype; sums in float32. W is either
+// row-major (nn.Linear's layout, "rows") or, in float32, the transposed view of a (k, n) matrix (the hub's GPT-2
+// layout, "columns"). Threads take 256 kB chunks of W in turn and read each once, sequentially; x stays in the L1
+// cache. The AVX2 loops run where the CPU has AVX2 and FMA, the portable ones everywhere else and wherever `portable`
+// asks for them (as the tests do).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -25,7 +26,7 @@
 
 namespace {
 
-constexpr int64_t kRowBlock = 4;      // weight rows summed side by side
+constexpr int64_t kRowBlock = 4;  // weight rows summed side by side
 
 struct Problem {  // y[i, j] = (sum_c x[i, c] * W[j, c]) * scale[j] + bias[j], i < m, j < n, c < k
   const float* x;
@@ -207,25 +208,28 @@ void columns_avx2(const Problem& p, const float* w, float* acc, int64_t c0, int6
 
 // ---- the operator -------------------------------------------------------------------------------------------------
 
-// Runs work(begin, end) over [0, n) in chunks of about kChunkBytes of weights, which the threads take in turn from a
+// Items (rows of W, or of the stored (k, n) matrix) per chunk of work: about `bytes` of weights, a multiple of `block`.
+int64_t chunk_items(int64_t bytes, int64_t bytes_per_item, int64_t block) {
+  const int64_t items = std::max<int64_t>(1, bytes / bytes_per_item);
+  return (items + block - 1) / block * block;
+}
+
+// Runs work(index, begin, end) for the chunks [index * chunk, ...) of [0, n), which the threads take in turn from a
 // shared counter: a thread that starts late (woken after the others) takes fewer chunks instead of making the others
 // wait for its fixed share, as a static split would.
-constexpr int64_t kChunkBytes = 256 * 1024;
-
 template <typename F>
-void in_chunks(int64_t n, int64_t bytes_per_item, int64_t multiple_of, const F& work) {
-  int64_t chunk = std::max<int64_t>(1, kChunkBytes / bytes_per_item);
-  chunk = (chunk + multiple_of - 1) / multiple_of * multiple_of;
+void in_chunks(int64_t n, int64_t chunk, const F& work) {
   const int64_t chunks = (n + chunk - 1) / chunk;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(chunks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    for (int64_t c = next++; c < chunks; c = next++) work(c * chunk, std::min(n, (c + 1) * chunk));
+    for (int64_t c = next++; c < chunks; c = next++) work(c, c * chunk, std::min(n, (c + 1) * chunk));
   });
 }
 
 template <typename X, typename W>
 void run_rows(const Problem& p, const W* w, const X* bias, X* y, bool avx2) {
-  in_chunks(p.n, p.k * sizeof(W), kRowBlock, [&](int64_t first, int64_t last) {
+  // each output is one thread's sum, whichever thread takes its chunk
+  in_chunks(p.n, chunk_items(256 * 1024, p.k * sizeof(W), kRowBlock), [&](int64_t, int64_t first, int64_t last) {
     if (avx2) rows_avx2(p, w, bias, y, first, last);
     else rows_portable(p, w, bias, y, first, last);
   });
@@ -236,21 +240,20 @@ void run(const Problem& p, const at::Tensor& weight, const X* bias, X* y, bool c
   if (weight.scalar_type() == at::kChar) return run_rows(p, weight.const_data_ptr<int8_t>(), bias, y, avx2);
   if constexpr (std::is_same_v<X, float>) {
     if (columns) {
-      // each thread sums its own contiguous share of the (k, n) matrix's rows into partial sums of all of y: reads
-      // stay sequential however narrow y is (splitting y's columns instead reads the matrix in strided pieces)
-      const int64_t threads = at::get_num_threads();
-      std::vector<float> partial(threads * p.m * p.n, 0.0f);
+      // each chunk of the (k, n) matrix's rows is summed into partial sums of all of y: reads stay sequential
+      // however narrow y is (splitting y's columns instead reads the matrix in strided pieces). The partials are
+      // added in chunk order, so the result does not depend on which thread took which chunk.
+      const int64_t chunk = chunk_items(1024 * 1024, p.n * sizeof(float), 4), size = p.m * p.n;
+      std::vector<float> partial((p.k + chunk - 1) / chunk * size, 0.0f);
       const float* wp = weight.const_data_ptr<float>();
-      in_chunks(p.k, p.n * sizeof(float), 4, [&](int64_t c0, int64_t c1) {
-        float* acc = partial.data() + at::get_thread_num() * p.m * p.n;
-        if (avx2) columns_avx2(p, wp, acc, c0, c1);
-        else columns_portable(p, wp, acc, c0, c1);
+      in_chunks(p.k, chunk, [&](int64_t index, int64_t c0, int64_t c1) {
+        if (avx2) columns_avx2(p, wp, partial.data() + index * size, c0, c1);
+        else columns_portable(p, wp, partial.data() + index * size, c0, c1);
       });
-      for (int64_t e = 0; e < p.m * p.n; ++e) {
-        float sum = 0.0f;
-        for (int64_t t = 0; t < threads; ++t) sum += partial[t * p.m * p.n + e];
-        store(y + e, bias, e % p.n, sum);
-      }
+      float* total = partial.data();  // the first chunk's partials, then the others added in order
+      for (size_t at = size; at < partial.size(); at += size)
+        for (int64_t e = 0; e < size; ++e) total[e] += partial[at + e];
+      for (int64_t e = 0; e < size; ++e) store(y + e, bias, e % p.n, total[e]);
       return;
     }
   }

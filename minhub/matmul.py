@@ -35,7 +35,6 @@ import logging
 import os
 import statistics
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -107,15 +106,22 @@ def machine_key() -> str:
     the kernel's source."""
     cpu = hardware.cpu_info()
     text = json.dumps([cpu.model, cpu.isa, sorted(cpu.flags), cpu.onednn, torch.__version__,
-                       torch.get_num_threads(), PLAN_VERSION, _sha256(SOURCE)])
+                       torch.get_num_threads(), PLAN_VERSION, _sha256_once(SOURCE)])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def library_path() -> Path:
     """Where minhub::linear is built: one library per kernel source, torch version and compiler, shared by the plans
     of every thread count."""
-    text = json.dumps([_sha256(SOURCE), torch.__version__, hardware.cpu_info().cxx])
+    text = json.dumps([_sha256_once(SOURCE), torch.__version__, hardware.cpu_info().cxx])
     return cache_dir() / "kernels" / hashlib.sha256(text.encode()).hexdigest()[:16] / LIBRARY
+
+
+@functools.cache
+def _sha256_once(path: Path) -> str:
+    """A source file's hash, read once per process: a process keeps the kernel it measured, even if the file is
+    edited while it runs."""
+    return _sha256(path)
 
 
 def _sha256(path: Path) -> str:
@@ -198,7 +204,7 @@ def build_library(path: Path) -> None:
                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", f"-I{include}",
                f"-I{include / 'torch/csrc/api/include'}", str(SOURCE), "-o", str(tmp), f"-L{lib}",
                f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu", "-ltorch", *openmp]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"{' '.join(command[:2])} ... failed: {done.stderr.strip()[-500:]}")
@@ -299,9 +305,8 @@ def measure(library_file: Path, rounds: int = 5) -> MatmulPlan:
                 for name in ("blas", "onednn", "minhub"):
                     fn = _candidate(name, dtype, rows, library is not None, info.onednn)
                     if fn is not None:
-                        candidates[f"{choice_name(dtype, rows == 1)}: {name}"] = (
-                            lambda fn=fn: [fn(x[w.size(1)], w, b, s)
-                                           for w, b, s in zip(weights, biases, scales or [None] * len(weights))])
+                        candidates[f"{choice_name(dtype, rows == 1)}: {name}"] = _over_matrices(fn, x, weights,
+                                                                                                biases, scales)
                 seconds.update(_timed_rounds(candidates, rounds))
                 best = min(candidates, key=seconds.get)
                 if not best.endswith(": blas"):
@@ -313,6 +318,13 @@ def measure(library_file: Path, rounds: int = 5) -> MatmulPlan:
     return MatmulPlan(kernels=kernels, library=library if "minhub" in kernels.values() else None,
                       library_sha256=sha256 if "minhub" in kernels.values() else None,
                       measured_gbs={k: round(v, 2) for k, v in measured.items()}, notes=tuple(notes))
+
+
+def _over_matrices(fn: Callable, x: dict[int, torch.Tensor], weights: list[torch.Tensor], biases: list[torch.Tensor],
+                   scales: list[torch.Tensor] | None) -> Callable[[], list[torch.Tensor]]:
+    """One call of fn(x, weight, bias, scale) per matrix, as a decode step makes them."""
+    scales = scales or [None] * len(weights)
+    return lambda: [fn(x[w.size(1)], w, b, s) for w, b, s in zip(weights, biases, scales)]
 
 
 def _candidate(name: str, dtype: torch.dtype, rows: int, have_minhub: bool, have_onednn: bool):

@@ -76,8 +76,8 @@ def operands(case: str, rows: int, n: int, k: int):
 @pytest.mark.parametrize("portable", [False, True], ids=["avx2-where-present", "portable"])
 @pytest.mark.parametrize("rows", [1, 3, 16])
 @pytest.mark.parametrize("case", ["float32 rows", "float32 columns", "bfloat16", "int8"])
-# the last two span several 256 kB chunks of work (rows, and the (in, out) layout's rows of the stored matrix)
-@pytest.mark.parametrize("n,k", [(64, 96), (37, 45), (8, 3088), (602, 1000), (40, 7003)])
+# the last two span several chunks of work (256 kB of rows; 1 MB of the stored (k, n) matrix in the (in, out) layout)
+@pytest.mark.parametrize("n,k", [(64, 96), (37, 45), (8, 3088), (602, 1000), (40, 30011)])
 def test_minhub_linear_equals_float64_sums(case, rows, portable, n, k):
     library()
     x, weight, bias, scale = operands(case, rows, n, k)
@@ -92,6 +92,15 @@ def test_minhub_linear_equals_float64_sums(case, rows, portable, n, k):
     assert out.shape == (rows, 1, n) and out.dtype == x.dtype
     assert ((no_bias.double() - exact).abs() <= tolerance).all()
     assert ((out.double() - (exact + bias.double())).abs() <= tolerance + 2 ** -8 * bias.double().abs()).all()
+
+
+@pytest.mark.parametrize("case", ["float32 rows", "float32 columns", "int8"])
+def test_minhub_linear_gives_the_same_bits_whichever_thread_takes_which_chunk(case):
+    library()
+    x, weight, bias, scale = operands(case, 3, 40, 30011)
+    with torch.inference_mode():
+        first = minhub_linear(x, weight, bias, scale)
+        assert all(torch.equal(minhub_linear(x, weight, bias, scale), first) for _ in range(30))
 
 
 def test_minhub_linear_refuses_what_it_cannot_multiply():
