@@ -69,6 +69,15 @@ def to_gguf(source: Path, model_dir: Path, outtype: str, out: Path) -> Path:
     return out
 
 
+def without_mask_buffers(path: Path) -> None:
+    """Drop the causal-mask buffers (`h.N.attn.bias`) some hub checkpoints store: the GGUF converter refuses them."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    save_file({k: v for k, v in tensors.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}, path,
+              metadata={"format": "pt"})
+
+
 def llama_bench(binary: Path, models: dict[str, Path], threads: int, rounds: int) -> dict[str, dict[str, float]]:
     """{label: {"decode": tg64 tokens/s, "prompt + decode": 64 / time of pp32 + tg64}} from llama-bench's JSON."""
     command = [str(binary), "-t", str(threads), "-p", "32", "-n", "64", "-pg", "32,64", "-r", str(rounds), "-o",
@@ -128,6 +137,7 @@ def main() -> None:
         model_dir = Path(args.model)
     else:
         model_dir = write_random_gpt2(Path(tmp.name) / "gpt2")
+        without_mask_buffers(model_dir / "model.safetensors")
         for name in ("vocab.json", "merges.txt", "tokenizer.json"):  # the converter reads GPT-2's tokenizer
             shutil.copy(TOKENIZER / name, model_dir / name)
     gguf = {"llama.cpp f32": to_gguf(source, model_dir, "f32", Path(tmp.name) / "gpt2-f32.gguf"),
