@@ -6,9 +6,10 @@ with oneDNN removes it. Measured on a 2-core Xeon (bench/bench_gpt2.py, README t
 decodes 1.79x as fast as fp32 transformers at batch 1 and 2.52x at batch 8; fp32 packed helps batched decoding
 (1.51x at batch 8, plain fp32 1.16x) but not batch 1 (0.97x, plain 1.17x).
 
-quantize_int8: weight-only int8 as in pytorch-labs/gpt-fast (one scale per output row, activations in bf16), a quarter
-of fp32's bytes per token, through this machine's int8 kernel (minhub.matmul: minhub::linear, or PyTorch's
-torch._weight_int8pack_mm); teacher-forced top-1 agreement with fp32 93% on random weights (the benchmark prints it).
+quantize_int8: weight-only int8 as in pytorch-labs/gpt-fast (one scale per output row), a quarter of fp32's bytes per
+token, through this machine's int8 kernel: minhub::linear with float32 activations where the plan (minhub.matmul)
+picked it, else PyTorch's torch._weight_int8pack_mm with bf16 activations; teacher-forced top-1 agreement with fp32
+92-94% on random weights (the benchmark prints it).
 
 compile_decode: at batch 1 each weight matmul streams megabytes through the CPU caches, so every small op that follows
 it (layer norm, residual add, attention, the Python between them) starts cold and costs tens of microseconds.
@@ -95,51 +96,55 @@ def _replace_linears(model: nn.Module, convert, dtype: torch.dtype) -> nn.Module
 
 class Int8Linear(nn.Module):
     """A frozen nn.Linear with int8 weights, one scale per output row (symmetric, weight-only quantization):
-    y = (x @ q.T) * scale + bias, with bfloat16 activations. Up to 16 rows take this machine's int8 kernel
-    (minhub.matmul's plan: minhub::linear, which sums in float32, or torch._weight_int8pack_mm); more rows, and code
-    inside torch.compile, take torch._weight_int8pack_mm."""
+    y = (x @ q.T) * scale + bias. With use_minhub, minhub::linear multiplies (float32 or bfloat16 activations, sums in
+    float32, any number of rows); otherwise torch._weight_int8pack_mm (bfloat16 activations: it is twenty times slower
+    with float32 ones)."""
 
-    def __init__(self, linear: nn.Linear, kernels: dict[bool, str] | None = None) -> None:
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.bfloat16, use_minhub: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach().float()  # (out, in)
         scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127  # the largest weight of each row maps to +-127
         self.register_buffer("weight", torch.round(weight / scale[:, None]).to(torch.int8).contiguous(),
                              persistent=False)
-        self.register_buffer("scale", scale.to(torch.bfloat16), persistent=False)
-        bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+        self.register_buffer("scale", scale.to(dtype), persistent=False)
+        bias = None if linear.bias is None else linear.bias.detach().to(dtype)
         self.register_buffer("bias", bias, persistent=False)
-        self.kernels = kernels or {}  # one row (True) or 2-16 rows (False) -> "minhub"; absent: PyTorch's kernel
+        self.use_minhub = use_minhub
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if rows <= matmul.FEW_ROWS and self.kernels.get(rows == 1) == "minhub" and x.is_cpu and x.is_contiguous() \
-                and x.dtype == torch.bfloat16:
-            return matmul.minhub_linear(x, self.weight, self.bias, self.scale)
+        if self.use_minhub:
+            return matmul.minhub_linear(x.contiguous(), self.weight, self.bias, self.scale)
         y = matmul.int8_linear(x.reshape(-1, self.in_features), self.weight, self.scale)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
+        kernel = "minhub::linear" if self.use_minhub else "torch._weight_int8pack_mm"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights, {kernel}"
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
-    """Replace every nn.Linear of `model` (in place) by an Int8Linear and run the rest in bfloat16; return it.
+    """Replace every nn.Linear of `model` (in place) by an Int8Linear; return it.
 
     Weight-only int8 with one scale per output row: a quarter of fp32's bytes per decoded token. The logits move
     further from fp32 than with bf16 (the benchmark prints top-1 agreement and max |dlogit|). The tied lm_head gets
-    its own int8 copy; the embedding stays bf16. CPU only, inference only; combines with compile_decode.
+    its own int8 copy. Where this machine's plan (minhub.matmul) multiplies int8 weights with minhub::linear, the
+    rest of the model (embeddings, layer norms, attention, activations) stays float32: faster than bf16 on CPUs
+    without native bf16, and closer to fp32. Elsewhere it runs in bfloat16 through torch._weight_int8pack_mm, as in
+    pytorch-labs/gpt-fast. CPU only, inference only; combines with compile_decode.
     """
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise ValueError("quantize_int8 is for CPU inference: move the model with model.cpu() first")
     if any(isinstance(m, PackedLinear) for m in model.modules()):
         raise ValueError("the model is already packed by prepack: quantize a freshly loaded model instead")
     int8_plan = matmul.plan_for(torch.int8, "cpu")
-    kernels = {} if int8_plan is None else {one_row: int8_plan.kernel(torch.int8, one_row) for one_row in (True, False)}
-    if int8_plan is not None and int8_plan.library is not None:
+    use_minhub = int8_plan is not None and all(int8_plan.kernel(torch.int8, one_row) == "minhub"
+                                               for one_row in (True, False))
+    if use_minhub:
         matmul.load_library(int8_plan.library, int8_plan.library_sha256)
-    return _replace_linears(model, lambda linear: Int8Linear(linear, kernels), torch.bfloat16)
+    dtype = torch.float32 if use_minhub else torch.bfloat16
+    return _replace_linears(model, lambda linear: Int8Linear(linear, dtype, use_minhub), dtype)
 
 
 def compile_decode(model: GPT2) -> GPT2:

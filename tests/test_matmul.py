@@ -240,36 +240,51 @@ def test_bfloat16_decodes_close_to_float32_through_its_kernel(checkpoint, refere
     assert bool(ops & BLAS) == (plan_name == "blas"), ops
 
 
-@pytest.mark.parametrize("rows", [1, 5])
-def test_int8_through_minhub_linear_equals_pytorchs_int8_kernel(rows):
+@pytest.mark.parametrize("rows", [1, 5, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_through_minhub_linear_is_the_dequantized_weight_times_the_input(rows, dtype):
     library()
     linear = nn.Linear(96, 40)
     with torch.no_grad():
         linear.weight.normal_(0, 0.3)
-    theirs, ours = Int8Linear(linear), Int8Linear(linear, {True: "minhub", False: "minhub"})
-    x = torch.randn(rows, 1, 96).bfloat16()
-    with torch.inference_mode():
-        expected, out = theirs(x), ours(x)
-    assert out.dtype == torch.bfloat16 and out.shape == expected.shape
-    # the same dequantized weights; minhub sums in float32, PyTorch's kernel partly in bf16: a few bf16 roundings
-    assert (out.float() - expected.float()).abs().max().item() <= 0.02 * expected.float().abs().max().item()
+    ours, theirs = Int8Linear(linear, dtype, use_minhub=True), Int8Linear(linear)  # theirs: PyTorch's int8 kernel
+    x = torch.randn(rows, 1, 96).to(dtype)
+    dequantized = ours.weight.double() * ours.scale.double()[:, None]
+    exact = x.double() @ dequantized.T + ours.bias.double()
     with torch.inference_mode(), torch.profiler.profile() as prof:
-        ours(x)
+        out = ours(x)
     assert "minhub::linear" in {event.key for event in prof.key_averages()}
+    assert out.dtype == dtype and out.shape == (rows, 1, 40)
+    # float32 sums of the same dequantized weights: float32 rounding, or the output's rounding to bf16
+    tolerance = 1e-5 if dtype == torch.float32 else 2 ** -8
+    assert ((out.double() - exact).abs() <= tolerance * (exact.abs() + 1)).all()
+    with torch.inference_mode():
+        expected = theirs(x.bfloat16()).float()
+    assert (out.float() - expected).abs().max().item() <= 0.02 * expected.abs().max().item()
 
 
-def test_quantize_int8_takes_the_plans_int8_kernel(checkpoint, monkeypatch):
+def test_quantize_int8_takes_the_plans_int8_kernel_and_keeps_float32_with_it(checkpoint, reference, monkeypatch):
     plan = forced_plan("minhub")
     monkeypatch.setitem(matmul._plans, matmul.machine_key(), plan)  # what this machine's measurement would say
     quantized = quantize_int8(gpt2_from_pretrained(checkpoint))
-    assert quantized.lm_head.kernels == {True: "minhub", False: "minhub"}
-    idx = torch.randint(0, VOCAB, (1, 8))
-    quantized.setup_cache(1)
+    assert quantized.lm_head.use_minhub and quantized.transformer.wte.weight.dtype == torch.float32
+    idx = torch.randint(0, VOCAB, (1, 30))
     with torch.inference_mode():
-        quantized(idx, 0)
-    assert "minhub::linear" in ops_run(quantized, idx[:, :1], 8)
-    monkeypatch.setenv("MINHUB_MATMUL", "blas")
-    assert quantize_int8(gpt2_from_pretrained(checkpoint)).lm_head.kernels == {}
+        logits = stepwise_logits(quantized, idx)
+        ops = ops_run(quantized, idx[:, :1], 30)
+        ref = reference(idx).logits
+    assert "minhub::linear" in ops
+    assert logits.dtype == torch.float32
+    assert (logits - ref).abs().max().item() < 0.1 * ref.abs().max().item()
+    assert (logits.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.85
+
+    monkeypatch.setenv("MINHUB_MATMUL", "blas")  # PyTorch's int8 kernel, bf16 activations
+    plain = quantize_int8(gpt2_from_pretrained(checkpoint))
+    assert not plain.lm_head.use_minhub and plain.transformer.wte.weight.dtype == torch.bfloat16
+    plain.setup_cache(1)
+    with torch.inference_mode():
+        plain(idx[:, :4], 0)
+        assert "minhub::linear" not in ops_run(plain, idx[:, 4:5], 4)
 
 
 # --------------------------------------------------------------------------------------------------------------------
