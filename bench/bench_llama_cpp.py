@@ -5,8 +5,9 @@ llama.cpp is what a user would pick for CPU inference instead, so its speed is t
    builds llama.cpp's `llama-bench` with -DGGML_NATIVE=ON: 5-10 minutes on 2 cores, once (kept in --work);
 2. writes a random checkpoint with GPT-2 124M's shapes (or takes --model DIR) and converts it to GGUF, f32 and q8_0,
    with llama.cpp's own converter (needs `pip install gguf`, and transformers from the test extra);
-3. runs `llama-bench -t THREADS -p 32 -n 64 -pg 32,64`, then minhub on the same checkpoint, in paired rounds:
-   decode alone (tokens/s after the prompt) and a 32-token prompt plus 64 new tokens counted as 64 / whole time.
+3. runs `llama-bench -t THREADS -p 32 -n 64 -pg 32,64 -r 1` and minhub on the same checkpoint in turn, for --rounds
+   paired rounds (this machine's bandwidth moves within minutes), and prints the medians: decode alone (tokens/s
+   after the prompt) and a 32-token prompt plus 64 new tokens counted as 64 / whole time.
 
 Run from the repo root:  python bench/bench_llama_cpp.py
 """
@@ -97,26 +98,33 @@ def llama_bench(binary: Path, models: dict[str, Path], threads: int, rounds: int
     return results
 
 
-def minhub_rates(model_dir: Path, rounds: int) -> dict[str, dict[str, float]]:
-    """minhub's default fp32, int8, and compiled fp32 paths on the checkpoint, batch 1, greedy, paired rounds."""
+def minhub_models(model_dir: Path) -> dict[str, torch.nn.Module]:
+    """minhub's default fp32, int8, and compiled fp32 paths on the checkpoint, warmed up (and compiled)."""
     models = {"minhub fp32 (default)": gpt2_from_pretrained(model_dir),
               "minhub int8 (quantize_int8)": quantize_int8(gpt2_from_pretrained(model_dir))}
     if hardware.cpu_info().can_compile:
         models["minhub fp32 compile_decode"] = compile_decode(gpt2_from_pretrained(model_dir))
     else:
         print(f"minhub fp32 compile_decode: unavailable ({hardware.cpu_info().describe()})")
-    idx = torch.randint(0, 50257, (1, 32), generator=torch.Generator().manual_seed(0))
-    results: dict[str, dict[str, list[float]]] = {name: {"decode": [], "prompt + decode": []} for name in models}
     with torch.inference_mode():
         for model in models.values():
-            ours(model, idx, 4)  # warm up (and compile)
-        for _ in range(rounds):
-            for name, model in models.items():
-                results[name]["decode"].append(decode_rate(lambda n: ours(model, idx, n), 64)[0])
-                start = time.perf_counter()
-                ours(model, idx, 64)
-                results[name]["prompt + decode"].append(64 / (time.perf_counter() - start))
-    return {name: {k: statistics.median(v) for k, v in r.items()} for name, r in results.items()}
+            ours(model, PROMPT, 4)
+    return models
+
+
+PROMPT = torch.randint(0, 50257, (1, 32), generator=torch.Generator().manual_seed(0))
+
+
+def minhub_round(models: dict[str, torch.nn.Module]) -> dict[str, dict[str, float]]:
+    """One round of each minhub path: decode alone, and the 32-token prompt plus 64 new tokens (64 / whole time)."""
+    results = {}
+    with torch.inference_mode():
+        for name, model in models.items():
+            decode = decode_rate(lambda n, model=model: ours(model, PROMPT, n), 64)[0]
+            start = time.perf_counter()
+            ours(model, PROMPT, 64)
+            results[name] = {"decode": decode, "prompt + decode": 64 / (time.perf_counter() - start)}
+    return results
 
 
 def main() -> None:
@@ -146,7 +154,13 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"matmul plan: {matmul.plan().describe()}")
     print(f"llama.cpp: {source} (llama-cpp-python {args.llama_cpp_python}), built with -DGGML_NATIVE=ON")
-    rates = {**llama_bench(binary, gguf, args.threads, args.rounds), **minhub_rates(model_dir, args.rounds)}
+    models = minhub_models(model_dir)
+    rounds: dict[str, dict[str, list[float]]] = {}
+    for _ in range(args.rounds):  # paired: each round runs llama-bench once, then each minhub path once
+        for name, r in {**llama_bench(binary, gguf, args.threads, 1), **minhub_round(models)}.items():
+            for kind, value in r.items():
+                rounds.setdefault(name, {}).setdefault(kind, []).append(value)
+    rates = {name: {kind: statistics.median(v) for kind, v in r.items()} for name, r in rounds.items()}
     print("\n| GPT-2 124M, batch 1, greedy | decode alone (tok/s) | 32-token prompt + 64 new, 64 / whole time (tok/s) |")
     print("|---|---|---|")
     for name, r in rates.items():
