@@ -8,11 +8,12 @@ MKL is close to the limit already. So minhub measures instead of guessing, per w
 
 - "blas": PyTorch's own kernel (`F.linear`, for int8 `torch._weight_int8pack_mm`);
 - "onednn": oneDNN's matmul on the same, unpacked weight (float32, 2-16 rows; packing would be a second copy);
-- "minhub": minhub::linear (matmul.cpp, about 250 lines of C++): each thread sums its own contiguous share of the
-  weight rows against the activations, which stay in the L1 cache, with AVX2 FMA loops where the CPU has them,
+- "minhub": minhub::linear (matmul.cpp, about 300 lines of C++): the threads take 256 kB chunks of the weights in
+  turn and sum them against the activations, which stay in the L1 cache, with AVX2 FMA loops where the CPU has them,
   prefetching the next rows, so it reads W once at `.sum()`'s speed. It reads fp32 weights in either layout (the hub's
-  GPT-2 (in, out) needs no transposing), bf16 and int8 (one scale per output row) row-major; sums in float32. It is
-  built once per machine with the C++ compiler against the installed torch (about 10 s).
+  GPT-2 (in, out) needs no transposing), bf16 and int8 (one scale per output row) row-major; sums in float32, with
+  the same bits whichever thread takes which chunk. It is built once per kernel source, torch version and compiler,
+  with the C++ compiler against the installed torch (about 10 s).
 
 `plan()` times the candidates on GPT-2 124M-shaped matrices (110 MB in fp32, more than the caches hold) in paired
 rounds, once per machine (CPU model, instruction sets, torch version, thread count, the kernel's source), and keeps
@@ -21,9 +22,9 @@ another order: fp32 logits stay within 1e-4 of transformers'.
 
 `use_fastest(model)` applies the plan: every nn.Linear becomes a `CPULinear` (the same module, parameters and hooks,
 with a forward that picks the kernel by dtype and row count). Only float32 and bfloat16 CPU inference of up to 16
-rows changes path: with gradients, other dtypes or devices, inside torch.compile, or for more rows (a prompt),
-CPULinear is nn.Linear. minhub's loaders call it, and quantize_int8 reads the int8 choice; MINHUB_MATMUL=blas turns it
-all off.
+rows changes path: with gradients, other dtypes or devices, or for more rows (a prompt), CPULinear is nn.Linear;
+torch.compile traces minhub::linear as an opaque call. minhub's loaders call it, and quantize_int8 reads the int8
+choice; MINHUB_MATMUL=blas turns it all off.
 """
 
 from __future__ import annotations
