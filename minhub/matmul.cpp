@@ -270,6 +270,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   TORCH_CHECK(weight.dim() == 2 && x.dim() >= 1 && x.size(-1) == weight.size(1), "minhub::linear: x ", x.sizes(),
               " and a weight of ", weight.sizes(), " do not multiply");
   const int64_t n = weight.size(0), k = weight.size(1);
+  TORCH_CHECK(k > 0, "minhub::linear: a weight with no input features (", weight.sizes(), ") has nothing to sum");
   const bool int8 = weight.scalar_type() == at::kChar;
   TORCH_CHECK(int8 || weight.scalar_type() == dtype, "minhub::linear: a ", weight.scalar_type(), " weight with ",
               dtype, " activations");

@@ -355,7 +355,7 @@ class CPULinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
         # the cheapest tests first: this runs for every matrix of every decoded token
-        if not (x.is_cpu and weight.is_cpu and x.dtype == weight.dtype) \
+        if not (self.kernels and x.is_cpu and weight.is_cpu and x.dtype == weight.dtype) \
                 or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
             return F.linear(x, weight, bias)
         rows = x.numel() // self.in_features
@@ -396,7 +396,7 @@ def use_fastest(model: nn.Module, matmul_plan: MatmulPlan | None = None) -> nn.M
         if type(module) in (nn.Linear, CPULinear):
             module.__class__ = CPULinear  # the same module, parameters and hooks, with another forward
             module.plan = matmul_plan
-            module.kernels = kernels
+            module.kernels = kernels if module.in_features > 0 else {}  # nothing to sum: nn.Linear's path
     return model
 
 

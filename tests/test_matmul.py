@@ -118,6 +118,8 @@ def test_minhub_linear_refuses_what_it_cannot_multiply():
         minhub_linear(x, torch.randn(4, 6).double(), None)
     with pytest.raises(RuntimeError, match="one per output row"):
         minhub_linear(x, torch.randn(4, 6), torch.randn(5))
+    with pytest.raises(RuntimeError, match="no input features"):
+        minhub_linear(torch.randn(3, 0), torch.randn(4, 0), None)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -401,6 +403,12 @@ def test_minhub_matmul_blas_gives_plain_linears_and_nonsense_is_refused(checkpoi
     monkeypatch.setenv("MINHUB_MATMUL", "fastest")
     with pytest.raises(ValueError, match="MINHUB_MATMUL='fastest'.*auto.*blas"):
         gpt2_from_pretrained(checkpoint)
+
+
+def test_a_linear_without_inputs_stays_nn_linear():
+    empty = matmul.use_fastest(nn.Linear(0, 3), forced_plan("minhub"))
+    with torch.inference_mode():
+        assert torch.equal(empty(torch.ones(2, 0)), empty.bias.expand(2, 3))
 
 
 def test_models_on_other_dtypes_are_left_alone(checkpoint):
