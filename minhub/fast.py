@@ -141,8 +141,6 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     int8_plan = matmul.plan_for(torch.int8, "cpu")
     use_minhub = int8_plan is not None and all(int8_plan.kernel(torch.int8, one_row) == "minhub"
                                                for one_row in (True, False))
-    if use_minhub:
-        matmul.load_library(int8_plan.library, int8_plan.library_sha256)
     dtype = torch.float32 if use_minhub else torch.bfloat16
     return _replace_linears(model, lambda linear: Int8Linear(linear, dtype, use_minhub), dtype)
 

@@ -11,7 +11,6 @@ cached), unreadable or unsafe files are named, and every missing, unexpected or 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import re
 from pathlib import Path
@@ -170,56 +169,21 @@ class CheckpointFiles:
 
 
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool}
-
-
-def _read_safetensors(paths: list[Path], transpose: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+def _read_safetensors(paths: list[Path]) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError, safe_open
 
     state_dict: dict[str, torch.Tensor] = {}
     for path in paths:
         try:
-            with safe_open(str(path), framework="pt") as f:  # checks the header and that the file holds every tensor
-                state_dict.update(_map_safetensors(path, f, transpose))
+            with safe_open(str(path), framework="pt") as f:  # memory-mapped: tensors are read straight from the file
+                for name in f.keys():
+                    state_dict[name] = f.get_tensor(name)
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(
                 f"{path} is not a readable safetensors file ({e}): it is corrupt or truncated. Download it again "
                 "with force_download=True (or delete it from the cache)"
             ) from e
     return state_dict
-
-
-def _map_safetensors(path: Path, opened, transpose: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The tensors of one safetensors file (`opened`: its safe_open handle), memory-mapped: read from the file only
-    when used, no copy. A 2-D tensor whose name ends with one of `transpose` is instead copied into memory of its
-    own as the transpose of its transpose (same shape and values, the other storage order), and its pages leave the
-    map at once: left mapped, they would count as memory for as long as any tensor of the file lives."""
-    with open(path, "rb") as file:
-        header_size = int.from_bytes(file.read(8), "little")
-        header = json.loads(file.read(header_size))
-        mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)  # private: nothing is ever written back
-    data_start = 8 + header_size
-    tensors = {}
-    for name in opened.keys():
-        entry = header[name]
-        dtype, shape = SAFETENSORS_DTYPES.get(entry["dtype"]), entry["shape"]
-        begin, end = (data_start + offset for offset in entry["data_offsets"])
-        if dtype is None or begin == end:  # a rare dtype, or an empty tensor: safetensors' own reading
-            tensors[name] = opened.get_tensor(name)
-            continue
-        tensor = torch.frombuffer(mapping, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin)
-        tensor = tensor.view(shape)
-        if name.endswith(transpose) and tensor.dim() == 2:
-            tensor = tensor.t().contiguous().t()
-            if hasattr(mapping, "madvise"):  # not on Windows
-                first_page, last_page = -(-begin // mmap.PAGESIZE), end // mmap.PAGESIZE
-                if last_page > first_page:
-                    mapping.madvise(mmap.MADV_DONTNEED, first_page * mmap.PAGESIZE,
-                                    (last_page - first_page) * mmap.PAGESIZE)
-        tensors[name] = tensor
-    return tensors
 
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
@@ -241,21 +205,19 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def load_state_dict(files: CheckpointFiles, transpose: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+def load_state_dict(files: CheckpointFiles) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors under their stored names: model.safetensors, else the sharded safetensors index,
-    else pytorch_model.bin (unpickled with weights_only=True). Safetensors tensors are memory-mapped, except the
-    2-D ones whose names end with one of `transpose`, stored in the other order (see _map_safetensors)."""
+    else pytorch_model.bin (unpickled with weights_only=True)."""
     path = files.get("model.safetensors")
     if path is not None:
-        return _read_safetensors([path], transpose)
+        return _read_safetensors([path])
     index = files.get("model.safetensors.index.json")
     if index is not None:
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index} is not a valid safetensors index (no weight_map): {e}") from e
-        return _read_safetensors([files.require(shard, "a weight shard named in the index") for shard in shards],
-                                 transpose)
+        return _read_safetensors([files.require(shard, "a weight shard named in the index") for shard in shards])
     path = files.get("pytorch_model.bin")
     if path is not None:
         return _read_pickle(path)
@@ -372,15 +334,10 @@ def gpt2_from_pretrained(
         raise ConfigError(str(e)) from e
     with torch.device("meta"):
         expected = GPT2(config)
-    dtype = dtype or torch.float32
-    matmul_plan = matmul.plan_for(dtype, device or "cpu")
-    # the hub stores GPT-2's matrices (in, out), that is column-major for nn.Linear; when the plan wants them
-    # row-major they are re-laid out as they are read, one at a time
-    row_major = matmul_plan is not None and matmul_plan.row_major_for(dtype)
-    state_dict = load_state_dict(files, transpose=CONV1D_WEIGHTS if row_major else ())
+    state_dict = load_state_dict(files)
     hub_to_minhub_state_dict(state_dict, expected)  # names every misfit; the model file then does the mapping
-    model = gpt2_from_state_dict(config, state_dict).to(device=device, dtype=dtype)
-    matmul.use_fastest(model, matmul_plan)
+    model = gpt2_from_state_dict(config, state_dict).to(device=device, dtype=dtype or torch.float32)
+    matmul.use_fastest(model)
     model.name_or_path, model.commit_hash = files.identifier, files.commit_hash
     return model.eval()
 

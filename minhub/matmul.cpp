@@ -79,44 +79,43 @@ AVX2 inline float sum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+// One activation row (batch-1 decoding, the hot path) times four weight rows, 16 columns a step. block_avx2<1> below
+// computes the same with one sum per row; it read fp32 at 0.86-0.93x `.sum()`'s speed against this loop's 0.98-1.00.
 template <typename X, typename W>
 AVX2 void one_row_avx2(const Problem& p, const W* w, const X* bias, X* y, int64_t first, int64_t last) {
   const int64_t k = p.k, k16 = k - k % 16;
+  const float* x = p.x;
   int64_t j = first;
   for (; j + kRowBlock <= last; j += kRowBlock) {
     const W* r = w + j * k;
-    {
-      const int64_t i = 0;
-      const float* xi = p.x;
-      // two sums per row, over alternate groups of 8: eight independent FMA chains keep the loads coming
-      __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, t0 = s0, t1 = s0, t2 = s0, t3 = s0;
-      // the next block of rows, fetched while this one is summed: the hardware prefetcher alone falls behind
-      const char* next = reinterpret_cast<const char*>(r + kRowBlock * k);
-      for (int64_t c = 0; c < k16; c += 16) {
-        for (size_t line = 0; line < sizeof(W); ++line)
-          _mm_prefetch(next + (c * sizeof(W) + line * 16) * kRowBlock, _MM_HINT_T0);
-        __m256 xa = _mm256_loadu_ps(xi + c), xb = _mm256_loadu_ps(xi + c + 8);
-        s0 = _mm256_fmadd_ps(load8(r + c), xa, s0);
-        s1 = _mm256_fmadd_ps(load8(r + k + c), xa, s1);
-        s2 = _mm256_fmadd_ps(load8(r + 2 * k + c), xa, s2);
-        s3 = _mm256_fmadd_ps(load8(r + 3 * k + c), xa, s3);
-        t0 = _mm256_fmadd_ps(load8(r + c + 8), xb, t0);
-        t1 = _mm256_fmadd_ps(load8(r + k + c + 8), xb, t1);
-        t2 = _mm256_fmadd_ps(load8(r + 2 * k + c + 8), xb, t2);
-        t3 = _mm256_fmadd_ps(load8(r + 3 * k + c + 8), xb, t3);
-      }
-      float sums[kRowBlock] = {sum8(_mm256_add_ps(s0, t0)), sum8(_mm256_add_ps(s1, t1)),
-                               sum8(_mm256_add_ps(s2, t2)), sum8(_mm256_add_ps(s3, t3))};
-      for (int64_t b = 0; b < kRowBlock; ++b) {
-        for (int64_t c = k16; c < k; ++c) sums[b] += xi[c] * static_cast<float>(r[b * k + c]);
-        store(y + i * p.n + j + b, bias, j + b, p.scale ? sums[b] * p.scale[j + b] : sums[b]);
-      }
+    // two sums per row, over alternate groups of 8: eight independent FMA chains keep the loads coming
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, t0 = s0, t1 = s0, t2 = s0, t3 = s0;
+    // the next block of rows, fetched while this one is summed: the hardware prefetcher alone falls behind
+    const char* next = reinterpret_cast<const char*>(r + kRowBlock * k);
+    for (int64_t c = 0; c < k16; c += 16) {
+      for (size_t line = 0; line < sizeof(W); ++line)
+        _mm_prefetch(next + (c * sizeof(W) + line * 16) * kRowBlock, _MM_HINT_T0);
+      __m256 xa = _mm256_loadu_ps(x + c), xb = _mm256_loadu_ps(x + c + 8);
+      s0 = _mm256_fmadd_ps(load8(r + c), xa, s0);
+      s1 = _mm256_fmadd_ps(load8(r + k + c), xa, s1);
+      s2 = _mm256_fmadd_ps(load8(r + 2 * k + c), xa, s2);
+      s3 = _mm256_fmadd_ps(load8(r + 3 * k + c), xa, s3);
+      t0 = _mm256_fmadd_ps(load8(r + c + 8), xb, t0);
+      t1 = _mm256_fmadd_ps(load8(r + k + c + 8), xb, t1);
+      t2 = _mm256_fmadd_ps(load8(r + 2 * k + c + 8), xb, t2);
+      t3 = _mm256_fmadd_ps(load8(r + 3 * k + c + 8), xb, t3);
+    }
+    float sums[kRowBlock] = {sum8(_mm256_add_ps(s0, t0)), sum8(_mm256_add_ps(s1, t1)),
+                             sum8(_mm256_add_ps(s2, t2)), sum8(_mm256_add_ps(s3, t3))};
+    for (int64_t b = 0; b < kRowBlock; ++b) {
+      for (int64_t c = k16; c < k; ++c) sums[b] += x[c] * static_cast<float>(r[b * k + c]);
+      store(y + j + b, bias, j + b, p.scale ? sums[b] * p.scale[j + b] : sums[b]);
     }
   }
   rows_portable(p, w, bias, y, j, last);  // the last rows that do not fill a block
 }
 
-// M activation rows (1 or 2) times four weight rows: each load feeds two to four FMAs, 4M independent sums
+// M activation rows (1 or 2) times four weight rows: each load feeds one or two FMAs, 4M independent sums
 template <int M, typename X, typename W>
 AVX2 void block_avx2(const Problem& p, const float* x, const W* r, const X* bias, X* y, int64_t j) {
   const int64_t k = p.k, k8 = k - k % 8;

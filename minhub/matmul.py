@@ -75,12 +75,6 @@ class MatmulPlan:
         """"blas", "onednn" or "minhub" for weights of `dtype` times one row, or 2 to FEW_ROWS rows."""
         return self.kernels.get(choice_name(dtype, one_row), "blas") if dtype in DTYPES else "blas"
 
-    def row_major_for(self, dtype: torch.dtype) -> bool:
-        """Whether weights of `dtype` should be row-major, (out, in), rather than the hub's GPT-2 (in, out): bf16
-        always (minhub::linear reads bf16 rows, and PyTorch's bf16 matrix-vector product is ten times slower on
-        the other layout); fp32 never (every candidate reads either, MKL prefers (in, out) on some CPUs)."""
-        return dtype == torch.bfloat16
-
     def describe(self) -> str:
         """One line: the choices and the figures behind them."""
         choices = ", ".join(f"{name}: {self.kernel(dtype, one_row)}" for dtype in DTYPES for one_row in (True, False)
@@ -212,22 +206,25 @@ def build_library(path: Path) -> None:
     os.replace(tmp, path)
 
 
-_loaded_library: list[str] = []  # the library this process has loaded (at most one: its operator is registered once)
+_checked_libraries: set[str] = set()  # libraries whose bytes this process has checked against their plan
 
 
 def load_library(path: str, sha256: str | None) -> None:
-    """Load the built minhub::linear once per process, after checking that its bytes are those measured.
+    """Load the built minhub::linear once per process, after checking that its bytes are those measured (once per
+    path: later calls return at once).
 
-    A second library (another cache) is not loaded: its operator would be registered twice. Its source is the same
-    (the machine key covers it), so the one loaded serves."""
+    Only the first library is loaded: a second one (another cache) would register the operator twice. Its source is
+    the same (the library's path covers it), so the one loaded serves."""
+    if path in _checked_libraries:
+        return
     if sha256 != _sha256(Path(path)):
         raise ValueError(f"{path} changed since it was measured")
-    if not _loaded_library:
+    if not _checked_libraries:
         torch.ops.load_library(path)
         # the output's shape and dtype without running it: torch.compile (compile_decode) traces through the op
         torch.library.register_fake("minhub::linear")(
             lambda x, weight, bias, scale=None, portable=False: x.new_empty((*x.shape[:-1], weight.shape[0])))
-        _loaded_library.append(path)
+    _checked_libraries.add(path)
 
 
 def minhub_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -385,7 +382,9 @@ def use_fastest(model: nn.Module, matmul_plan: MatmulPlan | None = None) -> nn.M
     matmul_plan = matmul_plan or plan_for(dtype, "cpu")
     if matmul_plan is None or dtype == torch.int8:
         return model
-    if matmul_plan.row_major_for(dtype):
+    if dtype == torch.bfloat16:
+        # minhub::linear reads bf16 rows only, and PyTorch's bf16 matrix-vector product is ten times slower on the
+        # hub's GPT-2 (in, out) layout; fp32 stays as loaded (every candidate reads either layout)
         make_row_major(model)
     if matmul_plan.library is not None:
         load_library(matmul_plan.library, matmul_plan.library_sha256)

@@ -32,8 +32,6 @@ def _seed():
 
 def pytest_report_header(config):
     """Which CPU branches this run takes: tests that need a feature skip with its name, the rest fake its absence."""
-    from minhub import hardware
-
-    from minhub import matmul
+    from minhub import hardware, matmul
 
     return [f"cpu: {hardware.cpu_info().describe()}", f"matmul plan: {matmul.plan().describe()}"]
