@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
+from minhub import precompiled
 from minhub.gpt2 import GPT2
 from minhub.gpt4 import GPT4
 
@@ -172,7 +173,9 @@ def generate_stream(
     # one slot more than the window: the keys up to the last usable slot are then never the whole buffer, so a
     # compiled decode step sees the same strides at every position and is not recompiled at the last one
     net.setup_cache(B, n_ctx + 1)
-    step_forward = decode_step(model)
+    step_forward = decode_step(model)  # compile_decode's step, if it was asked for
+    if step_forward is net:
+        step_forward = precompiled.step_for(net, B, mask is not None) or net
     model_mask = None if mask is None else mask[:, :T]
     logits = _call(net, window[:, :T], 0, model_mask, only_last=True)[:, -1]  # (B, V) prefill: the prompt, once
     n = T  # filled slots

@@ -17,6 +17,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_CACHE"] = HF_CACHE
 os.environ["MINHUB_CACHE"] = MINHUB_CACHE  # subprocesses (CLI tests) share it: the plan is measured once
 os.environ.pop("MINHUB_MATMUL", None)
+os.environ.pop("MINHUB_DECODE", None)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 atexit.register(shutil.rmtree, HF_CACHE, True)
 atexit.register(shutil.rmtree, MINHUB_CACHE, True)

@@ -1,0 +1,183 @@
+"""The default path's one-token decode step for GPT-2 on the CPU, compiled ahead of time once per machine and shape.
+
+Why: at batch 1 a GPT-2 step is ~50 weight matrix products and ~500 small ops. Run eagerly, the small ops and the
+Python between them cost 2-4 ms a token: a sixth of an fp32 token of GPT-2 124M on a 2-core CPU, a third of an int8
+one. Exported (torch.export) and compiled by AOTInductor, they become a few fused C++ loops; the matrix products stay
+minhub.matmul's kernels (minhub::linear is an opaque call in the graph).
+
+What is compiled is the step's code, not its tensors: the package (a few MB) holds no weights, and at every generate()
+call the model's own weights and KV cache are bound to it as "user-managed constants" (no copy). A package is built
+once per machine, torch version, model shape and weight layout, matmul kernels and source of the traced code, in
+<cache>/steps/<key>.pt2 (20-40 s on 2 cores, with a message); later processes load it in milliseconds.
+
+The engine (minhub.generation) takes it for one prompt (batch 1, no attention mask) of a GPT2 on the CPU whose weights
+are at least MIN_WEIGHT_BYTES (below that, a compile is never paid back), on a machine with a C++ compiler.
+MINHUB_DECODE=eager turns it off, MINHUB_DECODE=compiled takes it for any size. Where it cannot be built, decoding is
+eager, with one warning saying why (remembered on disk, so that later processes do not try again).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from minhub import hardware, matmul
+from minhub.gpt2 import GPT2
+
+log = logging.getLogger("minhub")
+
+MIN_WEIGHT_BYTES = 32 * 2**20
+STEP_VERSION = 1  # bump when what is exported changes in a way the key does not see
+
+_loaders: dict[str, tuple[object, list[str]] | str] = {}  # per process, by key: _load's result, or why not
+
+
+def setting() -> str:
+    """MINHUB_DECODE: "auto" (the default), "eager" (never compile) or "compiled" (for any model size); else
+    ValueError."""
+    value = os.environ.get("MINHUB_DECODE", "auto")
+    if value not in ("auto", "eager", "compiled"):
+        raise ValueError(f"MINHUB_DECODE={value!r}: use auto (a compiled step for models of "
+                         f"{MIN_WEIGHT_BYTES >> 20} MB and more; the default), eager (never compile) or compiled "
+                         "(for any size)")
+    return value
+
+
+class DecodeStep(nn.Module):
+    """What is exported: the network's forward for one new token of one row at a cache position. The position comes
+    as the length of `past` (a view of that many elements), because torch.export keeps a tensor's size symbolic but
+    not yet an int argument: one package serves every position."""
+
+    def __init__(self, net: GPT2) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, tokens: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
+        return self.net(tokens, past.size(0))
+
+
+def step_for(net: nn.Module, batch_size: int, masked: bool) -> Callable[[torch.Tensor, int], torch.Tensor] | None:
+    """The compiled `step(tokens (1, 1), cache_pos) -> logits (1, 1, V)` for `net` with its current KV cache, or None
+    where the engine should run the network eagerly. Builds the package the first time on this machine."""
+    if masked or batch_size != 1 or not isinstance(net, GPT2) or net.training:
+        return None
+    mode = setting()
+    if mode == "eager":
+        return None
+    tensors = dict(net.named_parameters(remove_duplicate=False)) | dict(net.named_buffers(remove_duplicate=False))
+    if any(t.device.type != "cpu" or t.requires_grad and torch.is_grad_enabled() for t in tensors.values()):
+        return None
+    weight_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
+    if mode == "auto" and weight_bytes < MIN_WEIGHT_BYTES:
+        return None
+    cpu = hardware.cpu_info()
+    if not cpu.can_compile:
+        if mode == "compiled":
+            hardware.require_compiler("MINHUB_DECODE=compiled")
+        return None
+    key = step_key(net)
+    if key not in _loaders:
+        _loaders[key] = _load_or_build(net, key)
+    loaded = _loaders[key]
+    if isinstance(loaded, str):  # the reason it could not be built, already told
+        return None
+    loader, fqns = loaded
+    # bind this model's own tensors at every call: the cache changes with setup_cache, the weights with the user
+    loader.load_constants({fqn: tensors[fqn.removeprefix("net.")] for fqn in fqns}, False, True, True)
+    past = torch.empty(net.cache_len, dtype=torch.int8)
+
+    def step(tokens: torch.Tensor, cache_pos: int) -> torch.Tensor:
+        return loader.run([tokens, past[:cache_pos]])[0]
+
+    return step
+
+
+def step_key(net: GPT2) -> str:
+    """What a package depends on: the machine and its matmul plan, torch, the model's config, every tensor's shape,
+    strides and dtype, every module's class and kernels, and the source of the classes traced."""
+    modules = [(name, f"{type(m).__module__}.{type(m).__qualname__}", sorted(map(str, getattr(m, "kernels", {}).items())))
+               for name, m in net.named_modules()]
+    tensors = [(name, list(t.shape), list(t.stride()), str(t.dtype))
+               for name, t in list(net.named_parameters(remove_duplicate=False)) + list(net.named_buffers())]
+    sources = sorted({inspect.getsourcefile(type(m)) for m in net.modules()} | {__file__})
+    text = json.dumps([STEP_VERSION, matmul.machine_key(), torch.__version__, sys.version_info[:2],
+                       net.config.to_dict(), net.cache_len, modules, tensors,
+                       [hashlib.sha256(Path(s).read_bytes()).hexdigest() for s in sources]])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def package_path(key: str) -> Path:
+    """Where the package for `key` is kept."""
+    return matmul.cache_dir() / "steps" / f"{key}.pt2"
+
+
+def _load_or_build(net: GPT2, key: str) -> tuple[object, list[str]] | str:
+    """The loaded package for `key`, built first if the cache lacks it; or, where that fails, the reason (a str)."""
+    path = package_path(key)
+    failed = path.with_suffix(".failed")
+    if failed.exists():
+        return failed.read_text()
+    if path.exists():
+        try:
+            return _load(path)
+        except Exception as e:  # truncated or from another build: build it again
+            log.warning("minhub: the compiled decode step %s is unusable (%s); building it again", path, e)
+    log.warning("minhub: compiling GPT-2's decode step for this CPU and model shape, once (20-40 s); kept in %s "
+                "(MINHUB_DECODE=eager skips it)", path.parent)
+    start = time.perf_counter()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _build(net, path)
+        loaded = _load(path)
+    except Exception as e:
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        log.warning("minhub: could not compile the decode step (%s); decoding eagerly. Delete %s to try again",
+                    reason, failed)
+        try:
+            matmul._write_atomically(failed, reason.encode())
+        except OSError:
+            pass
+        return reason
+    log.warning("minhub: decode step compiled in %.0f s", time.perf_counter() - start)
+    return loaded
+
+
+def _load(path: Path) -> tuple[object, list[str]]:
+    """(the package's C++ loader, the names of the tensors it takes). torch._inductor.aoti_load_package wraps the same
+    loader but imports inductor first (1.3 s)."""
+    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+    return loader, loader.get_constant_fqns()
+
+
+def _build(net: GPT2, path: Path) -> None:
+    import torch._inductor
+    from torch.export import Dim
+
+    cache_len, last = net.cache_len, net.config.n_positions - 1  # the last position a one-token step can take
+    saved = [block.attn.kv_cache for block in net.transformer.h]
+    # export traces with autograd on, which refuses inference tensors: a cache of ordinary tensors meanwhile
+    with torch.inference_mode(False), torch.no_grad():
+        try:
+            net.setup_cache(1, cache_len)
+            past = torch.empty(cache_len, dtype=torch.int8)
+            example = (torch.zeros(1, 1, dtype=torch.long), past[:max(2, last // 2)])
+            program = torch.export.export(DecodeStep(net), example, strict=True, dynamic_shapes={
+                "tokens": None, "past": {0: Dim("cache_pos", min=1, max=last)}})
+        finally:
+            for block, cache in zip(net.transformer.h, saved):
+                block.attn.kv_cache = cache
+            net.cache_len = cache_len
+        partial = path.with_name(f".{path.stem}.{os.getpid()}.pt2")  # inductor wants the suffix
+        torch._inductor.aoti_compile_and_package(program, package_path=str(partial), inductor_configs={
+            "aot_inductor.package_constants_in_so": False})
+        os.replace(partial, path)
