@@ -224,6 +224,8 @@ def load_library(path: str, sha256: str | None) -> None:
         # the output's shape and dtype without running it: torch.compile (compile_decode) traces through the op
         torch.library.register_fake("minhub::linear")(
             lambda x, weight, bias, scale=None, portable=False: x.new_empty((*x.shape[:-1], weight.shape[0])))
+        torch.library.register_fake("minhub::attend")(lambda q, k, v, scale, portable=False: torch.empty_like(
+            q, memory_format=torch.contiguous_format))
     _checked_libraries.add(path)
 
 
