@@ -75,7 +75,8 @@ def step_for(net: nn.Module, batch_size: int, masked: bool) -> Callable[[torch.T
     if mode == "eager":
         return None
     tensors = dict(net.named_parameters(remove_duplicate=False)) | dict(net.named_buffers(remove_duplicate=False))
-    if any(t.device.type != "cpu" or t.requires_grad and torch.is_grad_enabled() for t in tensors.values()):
+    if any(t.device.type != "cpu" or t.layout != torch.strided or t.requires_grad and torch.is_grad_enabled()
+           for t in tensors.values()):  # oneDNN's packed weights (minhub.fast.prepack) have no plain storage
         return None
     weight_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
     if mode == "auto" and weight_bytes < MIN_WEIGHT_BYTES:
@@ -112,7 +113,7 @@ def step_key(net: GPT2) -> str:
     sources = sorted({inspect.getsourcefile(type(m)) for m in net.modules()} | {__file__})
     text = json.dumps([STEP_VERSION, matmul.machine_key(), torch.__version__, sys.version_info[:2],
                        net.config.to_dict(), net.cache_len, modules, tensors,
-                       [hashlib.sha256(Path(s).read_bytes()).hexdigest() for s in sources]])
+                       [matmul._sha256_once(Path(s)) for s in sources]])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

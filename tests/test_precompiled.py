@@ -15,6 +15,7 @@ import torch
 from helpers import hf_gpt2, save_checkpoint
 
 from minhub import generate, generation, gpt2_from_pretrained, hardware, matmul, pad_left, precompiled
+from minhub.fast import prepack
 
 CPU = hardware.cpu_info()
 needs_compiler = pytest.mark.skipif(not CPU.can_compile, reason=f"AOTInductor needs a C++ compiler; {CPU.describe()}")
@@ -154,6 +155,8 @@ def test_which_calls_get_a_compiled_step(checkpoint, monkeypatch):
     monkeypatch.setenv("MINHUB_DECODE", "compiled")
     assert step_of(model, batch_size=2) is None  # batches and padded prompts decode eagerly
     assert step_of(model, masked=True) is None
+    if CPU.onednn:  # oneDNN's packed weights are no plain tensors to bind
+        assert step_of(prepack(gpt2_from_pretrained(checkpoint), torch.float32)) is None
     monkeypatch.setenv("MINHUB_DECODE", "fast")
     with pytest.raises(ValueError, match="MINHUB_DECODE='fast': use auto .* eager .* or compiled"):
         step_of(model)
