@@ -20,7 +20,7 @@ def _check_generate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     device = hardware.check_device(args.device)
     if args.int8 and (args.dtype != "float32" or device.type != "cpu"):
-        raise ValueError("--int8 is CPU-only and picks its own dtypes (int8 weights, bfloat16 activations): drop "
+        raise ValueError("--int8 is CPU-only and picks its own dtypes (int8 weights, activations as this CPU runs them best): drop "
                          "--dtype and --device")
     if args.compile and args.dtype == "bfloat16" and device.type == "cpu":
         raise ValueError("--compile does not combine with --dtype bfloat16 on the CPU (it is for float32 and "
@@ -236,10 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     gen.add_argument("--ignore-eos", action="store_true", help="keep going after <|endoftext|>")
     gen.add_argument("--int8", action="store_true",
-                     help="int8 weights, bf16 activations, on CPU (minhub.fast.quantize_int8): fastest, least exact")
+                     help="int8 weights, on CPU (minhub.fast.quantize_int8): fastest, least exact")
     gen.add_argument("--compile", action="store_true",
-                     help="compile the decode step (minhub.fast.compile_decode): up to 1.6x faster per token on "
-                          "CPU, after a compile of 10-40 s")
+                     help="torch.compile the decode step in this process (minhub.fast.compile_decode), after a "
+                          "compile of 10-40 s: for GPUs and small models; on the CPU, GPT-2s of 32 MB and more "
+                          "already run a step compiled once per machine (minhub.precompiled)")
     gen.set_defaults(handler=generate_command)
 
     from minhub.train import TrainConfig

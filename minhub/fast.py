@@ -15,6 +15,8 @@ compile_decode: at batch 1 each weight matmul streams megabytes through the CPU 
 it (layer norm, residual add, attention, the Python between them) starts cold and costs tens of microseconds.
 Compiling the one-token step into C++ (torch.compile, inductor, cpp_wrapper) removes most of what runs between them.
 The matrix products inside stay this machine's choice (minhub.matmul): minhub::linear is traced as an opaque call.
+The default path already runs such a step at batch 1, compiled once per machine and model shape (minhub.precompiled);
+compile_decode also covers batches, padded prompts and the models that one leaves eager, at a compile per process.
 
 None of this is applied by default: each trades something (compile time, precision, memory) for speed. What is
 applied by default, the fastest exact kernel per dtype and row count for this CPU, is minhub.matmul (measured once

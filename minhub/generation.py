@@ -4,8 +4,9 @@ What it adds to the model files' own short `generate`: batches of prompts of dif
 an attention mask, GPT-2), EOS per row, streaming token by token and as text, top-k / top-p / temperature sampling
 with a seeded generator, a window that slides past the context (exactly, or window_shift tokens at a time), and
 argument checks before any work. The loop is gpt-fast's: the KV cache is preallocated once, the prompt fills it in
-one forward, then each step feeds one token. `minhub.fast.compile_decode` swaps in a compiled version of that
-one-token step through `use_decode_step`; nothing in the model files knows about it.
+one forward, then each step feeds one token. That one-token step is, in order: one registered with `use_decode_step`
+(`minhub.fast.compile_decode`'s), minhub.precompiled's (one prompt of a GPT-2 on the CPU: compiled once per machine
+and model shape), or the network's own forward. Nothing in the model files knows about either.
 """
 
 from __future__ import annotations

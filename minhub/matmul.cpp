@@ -8,6 +8,9 @@
 // layout, "columns"). Threads take 256 kB chunks of W in turn and read each once, sequentially; x stays in the L1
 // cache. The AVX2 loops run where the CPU has AVX2 and FMA, the portable ones everywhere else and wherever `portable`
 // asks for them (as the tests do).
+//
+// minhub::attend(q, k, v, scale), further down, is attention for the one new query of a decode step; the compiled
+// decode step (minhub/precompiled.py) calls it.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
