@@ -25,6 +25,7 @@ import logging
 import os
 import sys
 import time
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -39,7 +40,9 @@ log = logging.getLogger("minhub")
 MIN_WEIGHT_BYTES = 32 * 2**20
 STEP_VERSION = 1  # bump when what is exported changes in a way the key does not see
 
-_loaders: dict[str, tuple[object, list[str]] | str] = {}  # per process, by key: _load's result, or why not
+_bound: weakref.WeakKeyDictionary[GPT2, tuple[str, object, list[str]]] = weakref.WeakKeyDictionary()  # model ->
+# (key, its package's loader, the names of the tensors it takes)
+_failed: dict[str, str] = {}  # key -> why its package could not be built, in this process
 
 
 def setting() -> str:
@@ -87,12 +90,16 @@ def step_for(net: nn.Module, batch_size: int, masked: bool) -> Callable[[torch.T
             hardware.require_compiler("MINHUB_DECODE=compiled")
         return None
     key = step_key(net)
-    if key not in _loaders:
-        _loaders[key] = _load_or_build(net, key)
-    loaded = _loaders[key]
-    if isinstance(loaded, str):  # the reason it could not be built, already told
+    if key in _failed:  # the reason it could not be built, already told
         return None
-    loader, fqns = loaded
+    if _bound.get(net, (None,))[0] != key:
+        # a loader per model (4 ms), not per key: two models of one shape may decode in two threads at once
+        loaded = _load_or_build(net, key)
+        if isinstance(loaded, str):
+            _failed[key] = loaded
+            return None
+        _bound[net] = (key, *loaded)
+    _, loader, fqns = _bound[net]
     # bind this model's own tensors at every call: the cache changes with setup_cache, the weights with the user
     loader.load_constants({fqn: tensors[fqn.removeprefix("net.")] for fqn in fqns}, False, True, True)
     past = torch.empty(net.cache_len, dtype=torch.int8)
@@ -105,16 +112,22 @@ def step_for(net: nn.Module, batch_size: int, masked: bool) -> Callable[[torch.T
 
 def step_key(net: GPT2) -> str:
     """What a package depends on: the machine and its matmul plan, torch, the model's config, every tensor's shape,
-    strides and dtype, every module's class and kernels, and the source of the classes traced."""
-    modules = [(name, f"{type(m).__module__}.{type(m).__qualname__}", sorted(map(str, getattr(m, "kernels", {}).items())))
-               for name, m in net.named_modules()]
-    tensors = [(name, list(t.shape), list(t.stride()), str(t.dtype))
+    strides and dtype, every module's class and kernels, whether minhub::attend is there, and the source of the classes
+    traced."""
+    named = list(net.named_modules())
+    modules = [(name, type(m).__qualname__, sorted(map(str, getattr(m, "kernels", {}).items()))) for name, m in named]
+    tensors = [(name, tuple(t.shape), t.stride(), str(t.dtype))
                for name, t in list(net.named_parameters(remove_duplicate=False)) + list(net.named_buffers())]
-    sources = sorted({inspect.getsourcefile(type(m)) for m in net.modules()} | {__file__})
     text = json.dumps([STEP_VERSION, matmul.machine_key(), torch.__version__, sys.version_info[:2],
-                       net.config.to_dict(), net.cache_len, modules, tensors,
-                       [matmul._sha256_once(Path(s)) for s in sources]])
+                       net.config.to_dict(), net.cache_len, hasattr(torch.ops.minhub, "attend"), modules, tensors,
+                       _sources({type(m) for _, m in named})])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _sources(classes: set[type]) -> list[str]:
+    """The hashes of the files defining `classes` and of this one (each file read once per process)."""
+    files = sorted({inspect.getsourcefile(c) for c in classes} | {__file__})
+    return [matmul._sha256_once(Path(f)) for f in files]
 
 
 def package_path(key: str) -> Path:
