@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_gpt2 import decode_rate, machine, ours, write_random_gpt2  # noqa: E402
+from bench_gpt2 import decode_rate, eager_step, machine, ours, write_random_gpt2  # noqa: E402
 
 from minhub import gpt2_from_pretrained, hardware, matmul  # noqa: E402
 from minhub.fast import compile_decode, quantize_int8  # noqa: E402
@@ -99,8 +99,10 @@ def llama_bench(binary: Path, models: dict[str, Path], threads: int, rounds: int
 
 
 def minhub_models(model_dir: Path) -> dict[str, torch.nn.Module]:
-    """minhub's default fp32, int8, and compiled fp32 paths on the checkpoint, warmed up (and compiled)."""
+    """minhub's default fp32 and int8 paths (batch 1: the precompiled decode step), fp32 through the eager step, and
+    fp32 through compile_decode, on the checkpoint, warmed up (and compiled)."""
     models = {"minhub fp32 (default)": gpt2_from_pretrained(model_dir),
+              "minhub fp32, eager step": eager_step(gpt2_from_pretrained(model_dir)),
               "minhub int8 (quantize_int8)": quantize_int8(gpt2_from_pretrained(model_dir))}
     if hardware.cpu_info().can_compile:
         models["minhub fp32 compile_decode"] = compile_decode(gpt2_from_pretrained(model_dir))
