@@ -3,7 +3,8 @@
 Why: at batch 1 a GPT-2 step is ~50 weight matrix products and ~500 small ops. Run eagerly, the small ops and the
 Python between them cost 2-4 ms a token: a sixth of an fp32 token of GPT-2 124M on a 2-core CPU, a third of an int8
 one. Exported (torch.export) and compiled by AOTInductor, they become a few fused C++ loops; the matrix products stay
-minhub.matmul's kernels (minhub::linear is an opaque call in the graph).
+minhub.matmul's kernels (minhub::linear is an opaque call in the graph), and attention for the one new query goes to
+minhub::attend (attend_one_query).
 
 What is compiled is the step's code, not its tensors: the package (a few MB) holds no weights, and at every generate()
 call the model's own weights and KV cache are bound to it as "user-managed constants" (no copy). A package is built
@@ -12,8 +13,9 @@ once per machine, torch version, model shape and weight layout, matmul kernels a
 
 The engine (minhub.generation) takes it for one prompt (batch 1, no attention mask) of a GPT2 on the CPU whose weights
 are at least MIN_WEIGHT_BYTES (below that, a compile is never paid back), on a machine with a C++ compiler.
-MINHUB_DECODE=eager turns it off, MINHUB_DECODE=compiled takes it for any size. Where it cannot be built, decoding is
-eager, with one warning saying why (remembered on disk, so that later processes do not try again).
+MINHUB_DECODE=eager turns it off, MINHUB_DECODE=compiled takes it for any size. Where it cannot be built (remembered
+on disk, so that later processes do not try again) or does not take the model's tensors, decoding is eager, with one
+warning saying why.
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ log = logging.getLogger("minhub")
 MIN_WEIGHT_BYTES = 32 * 2**20
 STEP_VERSION = 1  # bump when what is exported changes in a way the key does not see
 
-_bound: weakref.WeakKeyDictionary[GPT2, tuple[str, object, list[str]]] = weakref.WeakKeyDictionary()  # model ->
-# (key, its package's loader, the names of the tensors it takes)
-_failed: dict[str, str] = {}  # key -> why its package could not be built, in this process
+# per process: each model's key, its package's loader and the names of the tensors that takes; and for a key whose
+# package could not be built or bound, why
+_bound: weakref.WeakKeyDictionary[GPT2, tuple[str, object, list[str]]] = weakref.WeakKeyDictionary()
+_failed: dict[str, str] = {}
 
 
 def setting() -> str:
@@ -101,7 +104,17 @@ def step_for(net: nn.Module, batch_size: int, masked: bool) -> Callable[[torch.T
         _bound[net] = (key, *loaded)
     _, loader, fqns = _bound[net]
     # bind this model's own tensors at every call: the cache changes with setup_cache, the weights with the user
-    loader.load_constants({fqn: tensors[fqn.removeprefix("net.")] for fqn in fqns}, False, True, True)
+    try:
+        distinct = len({id(t) for t in tensors.values()})  # a tied weight is one tensor under two names
+        if len(fqns) != distinct:  # the key should make this impossible; a step that ran part of the model is worse
+            raise ValueError(f"it takes {len(fqns)} tensors, the model has {distinct}")
+        loader.load_constants({fqn: tensors[fqn.removeprefix("net.")] for fqn in fqns}, False, True, True)
+    except Exception as e:  # a package that does not fit the model after all: decode eagerly rather than fail
+        _failed[key] = f"{type(e).__name__}: {e}"
+        del _bound[net]
+        log.warning("minhub: the compiled decode step %s does not take this model's tensors (%s); decoding eagerly",
+                    package_path(key), _failed[key])
+        return None
     past = torch.empty(net.cache_len, dtype=torch.int8)
 
     def step(tokens: torch.Tensor, cache_pos: int) -> torch.Tensor:

@@ -151,6 +151,21 @@ def test_where_the_step_cannot_be_built_decoding_is_eager_and_it_is_told_once(ch
     assert "compiling" not in caplog.text
 
 
+@needs_compiler
+def test_a_package_that_does_not_take_the_model_is_left_for_the_eager_step(checkpoint, tmp_path, monkeypatch,
+                                                                            compiled, caplog):
+    # a key that missed a difference: a package built for 2 layers meets a 3-layer model
+    monkeypatch.setattr(precompiled, "step_key", lambda net: "one-key-for-two-shapes")
+    monkeypatch.setattr(precompiled, "_failed", {})
+    assert step_of(gpt2_from_pretrained(checkpoint)) is not None
+    deeper = gpt2_from_pretrained(save_checkpoint(hf_gpt2(**{**CONFIG, "n_layer": 3}), tmp_path / "deeper", "openai"))
+    with caplog.at_level(logging.WARNING, logger="minhub"):
+        assert step_of(deeper) is None
+    assert "does not take this model's tensors" in caplog.text and "decoding eagerly" in caplog.text
+    prompt = torch.tensor([[4, 5]])
+    assert torch.equal(generate(deeper, prompt, 10, temperature=0), generate(eager(deeper), prompt, 10, temperature=0))
+
+
 def test_which_calls_get_a_compiled_step(checkpoint, monkeypatch):
     model = gpt2_from_pretrained(checkpoint)
     assert step_of(model) is None  # auto: this model is far below MIN_WEIGHT_BYTES
