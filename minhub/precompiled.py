@@ -206,9 +206,12 @@ def _build(net: GPT2, path: Path) -> None:
             net.cache_len = cache_len
         attend_one_query(program)
         partial = path.with_name(f".{path.stem}.{os.getpid()}.pt2")  # inductor wants the suffix
-        torch._inductor.aoti_compile_and_package(program, package_path=str(partial), inductor_configs={
-            "aot_inductor.package_constants_in_so": False})
-        os.replace(partial, path)
+        try:
+            torch._inductor.aoti_compile_and_package(program, package_path=str(partial), inductor_configs={
+                "aot_inductor.package_constants_in_so": False})
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)  # what a failed or interrupted compile left
 
 
 def attend_one_query(program: torch.export.ExportedProgram) -> None:

@@ -140,6 +140,7 @@ def test_where_the_step_cannot_be_built_decoding_is_eager_and_it_is_told_once(ch
     assert "could not compile the decode step" in caplog.text and "decoding eagerly" in caplog.text
     failed = precompiled.package_path(precompiled.step_key(model)).with_suffix(".failed")
     assert failed.is_file() and "Delete" in caplog.text
+    assert [f.name for f in failed.parent.iterdir()] == [failed.name]  # no half-written package left behind
     prompt = torch.tensor([[4, 5]])
     assert torch.equal(generate(model, prompt, 10, temperature=0),
                        generate(eager(gpt2_from_pretrained(checkpoint)), prompt, 10, temperature=0))
