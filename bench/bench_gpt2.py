@@ -290,7 +290,8 @@ def main() -> None:
                         print(f"  {name}: {share:.0%} of its own matrix-by-matrix roofline (1/{fraction} the bytes)")
                         rows.append((f"decode, batch 1, {name}, share of its own roofline (1/{fraction} the bytes)",
                                      share, base / matrix_roofline, None))
-                for name in ("minhub fp32", "minhub fp32 eager step", "minhub fp32 BLAS only", "minhub fp32 compile_decode"):
+                for name in ("minhub fp32", "minhub fp32 eager step", "minhub fp32 BLAS only",
+                             "minhub fp32 compile_decode"):
                     if name not in r:
                         continue
                     print(f"  {name}: {r[name] / matrix_roofline:.0%} of the matrix-by-matrix roofline; transformers "
@@ -353,12 +354,17 @@ def main() -> None:
     for name, (agree, delta) in accuracy.items():
         print(f"{name} vs fp32: teacher-forced top-1 agreement {agree:.1%}, max |dlogit| {delta:.3f}")
     print()
-    print("| GPT-2 124M, CPU, greedy | minhub | transformers fp32 | minhub / transformers |")
-    print("|---|---|---|---|")
+    cells = []
     for name, a, b, ratio in rows:
         fmt = (lambda x: f"{x:.0%}") if "roofline" in name else (lambda x: f"{x:.2f}" if x < 10 else f"{x:.1f}")
-        a = a if isinstance(a, str) else fmt(a)
-        print(f"| {name} | {a} | {fmt(b)} | {'' if ratio is None else f'{ratio:.2f}x'} |")
+        cells.append([name, a if isinstance(a, str) else fmt(a), fmt(b), "" if ratio is None else f"{ratio:.2f}x"])
+    print_table(["GPT-2 124M, CPU, greedy", "minhub", "transformers fp32", "minhub / transformers"], cells)
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    """A markdown table, as the README holds them."""
+    for row in [header, ["---"] * len(header), *rows]:
+        print(f"| {' | '.join(row)} |")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_gpt2 import decode_rate, eager_step, machine, ours, write_random_gpt2  # noqa: E402
+from bench_gpt2 import (decode_rate, eager_step, machine, ours, print_table,  # noqa: E402
+                        write_random_gpt2)
 
 from minhub import gpt2_from_pretrained, hardware, matmul  # noqa: E402
 from minhub.fast import compile_decode, quantize_int8  # noqa: E402
@@ -163,10 +164,11 @@ def main() -> None:
             for kind, value in r.items():
                 rounds.setdefault(name, {}).setdefault(kind, []).append(value)
     rates = {name: {kind: statistics.median(v) for kind, v in r.items()} for name, r in rounds.items()}
-    print("\n| GPT-2 124M, batch 1, greedy | decode alone (tok/s) | 32-token prompt + 64 new, 64 / whole time (tok/s) |")
-    print("|---|---|---|")
-    for name, r in rates.items():
-        print(f"| {name} | {r.get('decode', float('nan')):.1f} | {r.get('prompt + decode', float('nan')):.1f} |")
+    print()
+    print_table(["GPT-2 124M, batch 1, greedy", "decode alone (tok/s)",
+                 "32-token prompt + 64 new, 64 / whole time (tok/s)"],
+                [[name, f"{r.get('decode', float('nan')):.1f}", f"{r.get('prompt + decode', float('nan')):.1f}"]
+                 for name, r in rates.items()])
 
 
 if __name__ == "__main__":

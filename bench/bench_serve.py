@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_gpt2 import machine, write_random_gpt2  # noqa: E402
+from bench_gpt2 import machine, print_table, write_random_gpt2  # noqa: E402
 
 TOKENIZER = Path(__file__).parents[1] / "tests" / "fixtures" / "gpt2-tokenizer" / "tokenizer.json"
 PROMPTS = ["The meaning of life is", "Once upon a time there was", "In the beginning", "The quick brown fox",
@@ -86,10 +86,11 @@ def main() -> None:
             tokens += out.size(1) - idx.size(1)
     theirs = tokens / (time.perf_counter() - start)
     print(f"transformers generate, requests one after another: {theirs:.1f} tok/s")
-    print("\n| concurrent clients | minhub serve (tok/s, aggregate) | vs one client | vs transformers sequential |")
-    print("|---|---|---|---|")
-    for clients, rate in rates.items():
-        print(f"| {clients} | {rate:.1f} | {rate / rates[1]:.2f}x | {rate / theirs:.2f}x |")
+    print()
+    print_table(["concurrent clients", "minhub serve (tok/s, aggregate)", "vs one client",
+                 "vs transformers sequential"],
+                [[str(clients), f"{rate:.1f}", f"{rate / rates[1]:.2f}x", f"{rate / theirs:.2f}x"]
+                 for clients, rate in rates.items()])
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ def _check_generate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     device = hardware.check_device(args.device)
     if args.int8 and (args.dtype != "float32" or device.type != "cpu"):
-        raise ValueError("--int8 is CPU-only and picks its own dtypes (int8 weights, activations as this CPU runs them best): drop "
-                         "--dtype and --device")
+        raise ValueError("--int8 is CPU-only and picks its own dtypes (int8 weights, activations as this CPU runs "
+                         "them best): drop --dtype and --device")
     if args.compile and args.dtype == "bfloat16" and device.type == "cpu":
         raise ValueError("--compile does not combine with --dtype bfloat16 on the CPU (it is for float32 and "
                          "--int8): drop one of the two")

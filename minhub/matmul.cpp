@@ -371,20 +371,9 @@ __attribute__((always_inline)) inline void attend_heads(const Heads& a, const T*
   }
 }
 
-template <typename T>
-void attend_portable(const Heads& a, const T* q, const T* k, const T* v, T* y, int64_t first, int64_t last) {
-  attend_heads(a, q, k, v, y, first, last);
-}
-
 #if defined(__x86_64__)
 template <typename T>
-__attribute__((target("avx2,fma"))) void attend_avx2(const Heads& a, const T* q, const T* k, const T* v, T* y,
-                                                     int64_t first, int64_t last) {
-  attend_heads(a, q, k, v, y, first, last);
-}
-#else
-template <typename T>
-void attend_avx2(const Heads& a, const T* q, const T* k, const T* v, T* y, int64_t first, int64_t last) {
+AVX2 void attend_avx2(const Heads& a, const T* q, const T* k, const T* v, T* y, int64_t first, int64_t last) {
   attend_heads(a, q, k, v, y, first, last);
 }
 #endif
@@ -394,11 +383,13 @@ void attend_all(const Heads& a, const at::Tensor& q, const at::Tensor& k, const 
                 int64_t heads, bool avx2) {
   const T *qp = q.const_data_ptr<T>(), *kp = k.const_data_ptr<T>(), *vp = v.const_data_ptr<T>();
   T* yp = y.mutable_data_ptr<T>();
-  // heads in parallel once there is enough to read (about 32 kB of keys and values per task)
+  // heads in parallel once there is enough to read (about 8k keys' and as many values' elements per task)
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, a.L * a.D));
   at::parallel_for(0, heads, grain, [&](int64_t first, int64_t last) {
-    if (avx2) attend_avx2(a, qp, kp, vp, yp, first, last);
-    else attend_portable(a, qp, kp, vp, yp, first, last);
+#if defined(__x86_64__)
+    if (avx2) return attend_avx2(a, qp, kp, vp, yp, first, last);
+#endif
+    attend_heads(a, qp, kp, vp, yp, first, last);  // the portable loops
   });
 }
 

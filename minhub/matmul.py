@@ -101,21 +101,21 @@ def machine_key() -> str:
     the kernel's source."""
     cpu = hardware.cpu_info()
     text = json.dumps([cpu.model, cpu.isa, sorted(cpu.flags), cpu.onednn, torch.__version__,
-                       torch.get_num_threads(), PLAN_VERSION, _sha256_once(SOURCE)])
+                       torch.get_num_threads(), PLAN_VERSION, sha256_once(SOURCE)])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def library_path() -> Path:
     """Where minhub::linear is built: one library per kernel source, torch version and compiler, shared by the plans
     of every thread count."""
-    text = json.dumps([_sha256_once(SOURCE), torch.__version__, hardware.cpu_info().cxx])
+    text = json.dumps([sha256_once(SOURCE), torch.__version__, hardware.cpu_info().cxx])
     return cache_dir() / "kernels" / hashlib.sha256(text.encode()).hexdigest()[:16] / LIBRARY
 
 
 @functools.cache
-def _sha256_once(path: Path) -> str:
-    """A source file's hash, read once per process: a process keeps the kernel it measured, even if the file is
-    edited while it runs."""
+def sha256_once(path: Path) -> str:
+    """A source file's hash, read once per process: a process keeps the kernel it measured (and the decode steps it
+    compiled, minhub.precompiled), even if the file is edited while it runs."""
     return _sha256(path)
 
 
@@ -171,7 +171,7 @@ def _cached_or_measured(key: str) -> MatmulPlan:
     measured = measure(library_path())
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        _write_atomically(path, json.dumps(asdict(measured), indent=2).encode())
+        write_atomically(path, json.dumps(asdict(measured), indent=2).encode())
     except OSError as e:
         log.warning("minhub: could not save the matmul plan (%s): every process will measure again; point "
                     "MINHUB_CACHE at a writable directory", e)
@@ -179,7 +179,8 @@ def _cached_or_measured(key: str) -> MatmulPlan:
     return measured
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write `data` to `path` whole or not at all, whatever another process writes there at the same time."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}")  # another process may be writing the same file
     tmp.write_bytes(data)
     os.replace(tmp, path)
@@ -210,8 +211,8 @@ _checked_libraries: set[str] = set()  # libraries whose bytes this process has c
 
 
 def load_library(path: str, sha256: str | None) -> None:
-    """Load the built minhub::linear once per process, after checking that its bytes are those measured (once per
-    path: later calls return at once).
+    """Load the built library (minhub::linear, minhub::attend) once per process, after checking that its bytes are
+    those measured (once per path: later calls return at once).
 
     Only the first library is loaded: a second one (another cache) would register the operator twice. Its source is
     the same (the library's path covers it), so the one loaded serves."""
@@ -264,8 +265,9 @@ def _timed_rounds(candidates: dict[str, Callable[[], object]], rounds: int) -> d
 
 
 def measure(library_file: Path, rounds: int = 5) -> MatmulPlan:
-    """Build minhub::linear at `library_file` (unless it is there) if this machine can, time every candidate it can run on GPT-2 124M's
-    matrix shapes (four layers), for each weight dtype at one row and at 8 rows, and return the fastest of each."""
+    """Build minhub::linear at `library_file` (unless it is there) if this machine can, time every candidate it can
+    run on GPT-2 124M's matrix shapes (four layers), for each weight dtype at one row and at 8 rows, and return the
+    fastest of each."""
     info = hardware.cpu_info()
     notes, library, sha256 = [], None, None
     if info.cxx is None:

@@ -140,7 +140,7 @@ def step_key(net: GPT2) -> str:
 def _sources(classes: set[type]) -> list[str]:
     """The hashes of the files defining `classes` and of this one (each file read once per process)."""
     files = sorted({inspect.getsourcefile(c) for c in classes} | {__file__})
-    return [matmul._sha256_once(Path(f)) for f in files]
+    return [matmul.sha256_once(Path(f)) for f in files]
 
 
 def package_path(key: str) -> Path:
@@ -171,7 +171,7 @@ def _load_or_build(net: GPT2, key: str) -> tuple[object, list[str]] | str:
         log.warning("minhub: could not compile the decode step (%s); decoding eagerly. Delete %s to try again",
                     reason, failed)
         try:
-            matmul._write_atomically(failed, reason.encode())
+            matmul.write_atomically(failed, reason.encode())
         except OSError:
             pass
         return reason
