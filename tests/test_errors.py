@@ -183,7 +183,7 @@ def test_unsupported_configs_are_refused(ckpt):
 
 
 def test_tokenizer_errors(tmp_path):
-    with pytest.raises(ModelNotFoundError):
+    with pytest.raises(ModelNotFoundError, match="'nobody/no-such-tokenizer' is not in the Hugging Face cache"):
         tokenizer_from_pretrained("nobody/no-such-tokenizer")
 
 

@@ -1,5 +1,6 @@
-"""Generation checked against transformers: greedy tokens, KV-cache logits, sampling filters, batches, EOS, and
-generation past the context window."""
+"""Generation checked against transformers: greedy tokens, KV-cache logits, sampling (which tokens top-k / top-p
+allow, how often each is drawn against transformers' logits warpers, seeded draws), batches, EOS, and generation past
+the context window."""
 
 import pytest
 import torch
@@ -60,22 +61,70 @@ def test_top_p_samples_stay_inside_the_reference_nucleus(pair):
             assert token[row] in order[row][inside[row]]
 
 
-def test_sampling_follows_the_tempered_top_k_distribution():
-    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0]])
-    expected = torch.zeros(6)
-    keep = logits[0].topk(4).indices
-    expected[keep] = (logits[0, keep] / 0.7).softmax(-1)
+# The frequency tests' next-token distributions: a spread-out row and a peaked one, over a vocabulary of 10 whose
+# ids are shuffled (a filter that forgets to map sorted positions back to token ids is caught). No cutoff used in the
+# tests is near a tie (top-p masses are >= 0.007 from the threshold, min-p / top-a probabilities >= 5% from their
+# limit), so float rounding cannot move one.
+PROBS = torch.tensor([[0.40, 0.20, 0.12, 0.09, 0.07, 0.05, 0.035, 0.02, 0.01, 0.005],
+                      [0.83, 0.06, 0.035, 0.025, 0.02, 0.013, 0.009, 0.005, 0.002, 0.001]])
+LOGITS = PROBS.log()[:, [3, 7, 0, 9, 5, 1, 8, 2, 6, 4]]
+DRAWS = 20000  # per row: 5 binomial standard errors are at most 0.018, 0.011 for a probability of 0.1
+
+
+def assert_frequencies(draws: torch.Tensor, expected: torch.Tensor, sigmas: float = 5.0) -> None:
+    """The frequencies of the token ids in `draws` (n,) equal the probabilities `expected` (V,) within `sigmas`
+    binomial standard errors sqrt(p (1 - p) / n); a token of probability 0 is never drawn."""
+    n = draws.numel()
+    freq = torch.bincount(draws, minlength=expected.numel()).double() / n
+    expected = expected.double()
+    allowed = sigmas * (expected * (1 - expected) / n).sqrt()
+    assert ((freq - expected).abs() <= allowed + 1e-12).all(), (
+        f"drawn {[round(f, 4) for f in freq.tolist()]}, expected {[round(e, 4) for e in expected.tolist()]}")
+
+
+def transformers_distribution(logits: torch.Tensor, temperature: float, top_k: int | None,
+                              top_p: float | None) -> torch.Tensor:
+    """What transformers samples from: its warpers in generate's order (temperature, top-k, top-p), then softmax."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    ids = torch.zeros(logits.size(0), 0, dtype=torch.long)
+    scores = TemperatureLogitsWarper(temperature)(ids, logits.clone())
+    if top_k is not None:
+        scores = TopKLogitsWarper(top_k)(ids, scores)
+    if top_p is not None:
+        scores = TopPLogitsWarper(top_p)(ids, scores)
+    return scores.softmax(-1)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [
+    (1.0, None, 0.7), (1.3, None, 0.5), (0.7, None, 0.93), (1.5, None, 0.8),  # top-p alone
+    (1.0, 4, 0.95),  # top-k, then top-p on what it kept
+    (0.7, 4, None), (1.2, 6, None), (1.0, None, None),  # top-k alone; neither
+])
+def test_sampling_frequencies_equal_the_transformers_warpers_distribution(temperature, top_k, top_p):
+    """20k seeded draws per row of sample_next_token (the engine's sampler) against the distribution computed with
+    transformers' TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper: a sampler that returns the argmax,
+    or cuts one token too early or too late, is off by far more than 5 standard errors."""
+    expected = transformers_distribution(LOGITS, temperature, top_k, top_p)
+    if top_k is not None or top_p is not None:
+        assert ((expected > 0).sum(-1) < 10).any() and ((expected > 0).sum(-1) > 1).any()  # the filters cut
     gen = torch.Generator().manual_seed(0)
-    draws = sample_next_token(logits.expand(20000, 6), temperature=0.7, top_k=4, generator=gen)
-    freq = torch.bincount(draws, minlength=6).float() / draws.numel()
-    assert (freq - expected).abs().max() < 0.015
-    assert freq[logits[0].topk(6).indices[4:]].sum() == 0  # outside the top 4: never
+    draws = sample_next_token(LOGITS.repeat_interleave(DRAWS, 0), temperature, top_k, top_p, gen)
+    for row, row_draws in enumerate(draws.view(len(LOGITS), DRAWS)):
+        assert_frequencies(row_draws, expected[row])
 
 
-def test_a_seeded_generator_repeats_and_different_seeds_differ(pair):
-    _, model = pair
-    idx = torch.randint(0, 101, (2, 5))
-    runs = [generate(model, idx, 20, top_k=20, generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8)]
+def test_seeded_sampling_draws_the_tokens_transformers_draws(pair):
+    """Without top-k / top-p both sample with torch.multinomial over the whole vocabulary: transformers' generate on
+    the global generator seeded 7 and ours on a generator seeded 7 draw the same tokens; another seed differs."""
+    ref, model = pair
+    idx = torch.randint(0, 101, (3, 5))
+    runs = [generate(model, idx, 16, temperature=0.8, top_k=None, generator=torch.Generator().manual_seed(s))
+            for s in (7, 7, 8)]
+    torch.manual_seed(7)
+    theirs = ref.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=16, do_sample=True, top_k=0,
+                          top_p=1.0, temperature=0.8, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(runs[0], theirs)
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], runs[2])
 
@@ -92,11 +141,14 @@ def test_left_padded_batch_rows_equal_their_solo_runs(pair):
 
 
 def test_left_padded_logits_equal_unpadded_logits(pair):
-    _, model = pair
+    """Each row of a left-padded batch: the logits of the prompt alone, ours and transformers'."""
+    ref, model = pair
     idx, mask = pad_left([[5, 9, 13, 2], [88, 3]], pad_id=0)
     with torch.no_grad():
         padded = model(idx, attention_mask=mask)
         assert (padded[1, 2:] - model(torch.tensor([[88, 3]]))[0]).abs().max() <= 1e-5
+        assert (padded[1, 2:] - hf_logits(ref, torch.tensor([[88, 3]]))[0]).abs().max() <= 1e-4
+        assert (padded[0] - hf_logits(ref, idx[:1])[0]).abs().max() <= 1e-4
         assert torch.isfinite(padded).all()
 
 
@@ -162,8 +214,11 @@ def test_stream_yields_what_generate_returns(pair):
 
 
 def test_zero_new_tokens_and_one_dimensional_prompts(pair):
-    _, model = pair
+    """A 1-D prompt gives the 1-D greedy continuation transformers' generate gives for that prompt."""
+    ref, model = pair
     idx = torch.randint(0, 101, (2, 4))
     assert torch.equal(generate(model, idx, 0), idx)
     one = generate(model, idx[0], 5, temperature=0)
-    assert one.shape == (9,) and torch.equal(one, generate(model, idx[:1], 5, temperature=0)[0])
+    theirs = ref.generate(idx[:1], attention_mask=torch.ones_like(idx[:1]), max_new_tokens=5, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    assert one.dim() == 1 and torch.equal(one, theirs[0])

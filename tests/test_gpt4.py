@@ -1,8 +1,12 @@
-"""The GPT4-style decoder against x-transformers (the pinned reference): logits, loss, greedy tokens, KV cache."""
+"""The GPT4-style decoder against x-transformers (the pinned reference): logits, loss, greedy tokens, KV cache, and
+sampling (the filters' outputs, how often each token is drawn, seeded draws)."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 from helpers import from_x_transformers_state_dict, hf_gpt2, put_in_hub_cache, save_checkpoint
+from test_generate import DRAWS, LOGITS, assert_frequencies
 
 import minhub
 from minhub import GPT4
@@ -78,13 +82,16 @@ def test_greedy_generation_past_max_seq_len_matches_x_transformers(pair):
 
 
 def test_cached_decoding_gives_the_logits_of_a_full_recompute(pair):
-    _, ours = pair
+    """Prompt, then one token at a time against the KV cache: the logits of our own full forward and of
+    x-transformers' (no cache) on the same weights."""
+    ref, ours = pair
     net = ours.decoder.net
     seq = torch.randint(0, 97, (2, 48))
     net.setup_cache(2)
     with torch.no_grad():
-        steps = [net(seq[:, :9], 0)] + [net(seq[:, t:t + 1], t) for t in range(9, 48)]
-        assert (torch.cat(steps, dim=1) - net(seq)).abs().max().item() <= 1e-5
+        cached = torch.cat([net(seq[:, :9], 0)] + [net(seq[:, t:t + 1], t) for t in range(9, 48)], dim=1)
+        assert (cached - net(seq)).abs().max().item() <= 1e-5
+        assert (cached - ref(seq)).abs().max().item() <= TOL
 
 
 def test_eos_pads_like_x_transformers():
@@ -119,12 +126,65 @@ def test_filters_match_x_transformers_and_samples_stay_inside(name, kwargs):
     assert allowed[torch.arange(8), token].all()
 
 
-def test_one_dimensional_prompt_and_seeded_sampling():
-    _, model = reference(**CONFIGS["flash-mqa"])
-    prompt = torch.randint(0, 97, (6,))
-    a = model.generate(prompt, 10, generator=torch.Generator().manual_seed(0))
-    b = model.generate(prompt, 10, generator=torch.Generator().manual_seed(0))
-    assert a.shape == (10,) and torch.equal(a, b)
+class _FixedLogits(torch.nn.Module):
+    """A network for AutoregressiveWrapper whose next-token logits are `logits[r]` after a prompt ending in token r,
+    so that the wrapper's own sampling code (filter, temperature, softmax, multinomial) runs on chosen logits."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+        self.config = SimpleNamespace(max_seq_len=4)
+
+    def setup_cache(self, batch_size: int, max_len: int | None = None) -> None:
+        pass
+
+    def forward(self, tokens: torch.Tensor, cache_pos: int | None = None, *, only_last: bool = False):
+        return self.logits[tokens[:, -1]][:, None]  # (B, 1, V)
+
+
+@pytest.mark.parametrize("name, kwargs, temperature", [
+    ("top_k", {"k": 3}, 0.8), ("top_k", {"frac_num_tokens": 0.5}, 1.3),
+    ("top_p", {"thres": 0.7}, 1.5), ("top_p", {"thres": 0.9}, 0.7),
+    ("top_a", {}, 1.0), ("top_a", {"min_p_pow": 2.0, "min_p_ratio": 0.5}, 1.2),
+    ("min_p", {"min_p": 0.2}, 1.0), ("min_p", {}, 1.4),
+])
+def test_filtered_sampling_frequencies_equal_the_x_transformers_distribution(name, kwargs, temperature):
+    """20k seeded draws per row of GPT4's sampler (AutoregressiveWrapper.generate) against the distribution
+    x-transformers' generate samples from, computed with its own functions: softmax(FILTER_LOGITS_FN[name](logits) /
+    temperature). A wrong threshold, a cutoff one token off, or the temperature applied before the filter (the
+    temperatures are chosen so that it moves the cutoff) is off by far more than 5 standard errors."""
+    from x_transformers.autoregressive_wrapper import FILTER_LOGITS_FN
+
+    from minhub.gpt4 import AutoregressiveWrapper
+
+    expected = (FILTER_LOGITS_FN[name](LOGITS.clone(), **kwargs) / temperature).softmax(-1)
+    assert ((expected > 0).sum(-1) < LOGITS.size(-1)).any()  # the filter cuts
+    rows = torch.arange(len(LOGITS)).repeat_interleave(DRAWS)[:, None]
+    draws = AutoregressiveWrapper(_FixedLogits(LOGITS)).generate(
+        rows, 1, filter_logits_fn=name, filter_kwargs=kwargs, temperature=temperature,
+        generator=torch.Generator().manual_seed(0))
+    for row, row_draws in enumerate(draws.view(len(LOGITS), DRAWS)):
+        assert_frequencies(row_draws, expected[row])
+
+
+@pytest.mark.parametrize("name, kwargs, one_dimensional", [
+    (None, None, True),  # x-transformers' defaults: top_k with frac_num_tokens=0.1, temperature 1
+    ("top_k", {"k": 5}, False), ("top_p", {"thres": 0.8}, False), ("top_a", {}, False),
+    ("min_p", {"min_p": 0.1}, False),
+])
+def test_seeded_sampling_draws_the_tokens_x_transformers_draws(name, kwargs, one_dimensional):
+    """x-transformers' generate samples with torch.multinomial on the global generator; ours, given a generator
+    seeded the same, makes the same draws from the same probabilities: the sampled tokens are equal."""
+    torch.manual_seed(5)
+    ref, model = reference(**CONFIGS["flash-mqa"])
+    prompts = torch.randint(0, 97, (6,) if one_dimensional else (3, 6))
+    options = {} if name is None else dict(filter_logits_fn=name, filter_kwargs=kwargs, temperature=0.8)
+    torch.manual_seed(11)
+    theirs = x_transformers.AutoregressiveWrapper(ref).generate(prompts, 12, cache_kv=False, **options)
+    ours = model.generate(prompts, 12, generator=torch.Generator().manual_seed(11), **options)
+    assert ours.shape == theirs.shape == prompts.shape[:-1] + (12,)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(model.generate(prompts, 12, generator=torch.Generator().manual_seed(11), **options), ours)
 
 
 def test_defaults_build_on_meta_with_x_transformers_parameter_count():
@@ -139,19 +199,32 @@ def test_defaults_build_on_meta_with_x_transformers_parameter_count():
     expected = sum(p.numel() for p in ref.parameters())
     assert sum(p.numel() for p in model.parameters()) == expected
     assert 2.45e9 < expected < 2.47e9
-    assert model.decoder.net.layers[0].attn.to_q.weight.shape == (24 * 128, 2560)  # dim_head=128 honoured
+    # every tensor has the shape of the x-transformers tensor it is loaded from (dim_head=128 honoured, one kv head)
+    theirs = {name: t.shape for name, t in from_x_transformers_state_dict(ref.state_dict()).items()}
+    assert {name: t.shape for name, t in model.state_dict().items()} == theirs
     with torch.device("meta"):
         logits = model(torch.randint(0, 50432, (3, 8192)))  # the documented usage example
     assert logits.shape == (3, 8192, 50432)
 
 
-def test_documented_example_runs_with_a_small_config():
-    model = GPT4(num_tokens=50432, max_seq_len=64, dim=64, depth=2, dim_head=32, heads=4, alibi_num_heads=2)
-    logits = model(torch.randint(0, 50432, (3, 64)))
-    assert logits.shape == (3, 64, 50432) and torch.isfinite(logits).all()
-    loss = model.decoder(torch.randint(0, 50432, (3, 64)))
+def test_documented_example_computes_what_x_transformers_computes():
+    """The README's call at a small size builds x-transformers' architecture: with its weights loaded (strict), the
+    logits, the loss and the gradient of the QK-norm gains equal x-transformers' (TransformerWrapper and
+    AutoregressiveWrapper) on the same tokens."""
+    options = dict(num_tokens=50432, max_seq_len=64, dim=64, depth=2, dim_head=32, heads=4, alibi_num_heads=2)
+    model = GPT4(**options)
+    ref, _ = reference(**options)
+    model.load_state_dict(from_x_transformers_state_dict(ref.state_dict()), strict=True)
+    tokens = torch.randint(0, 50432, (3, 64))
+    with torch.no_grad():
+        assert (model(tokens) - ref(tokens)).abs().max().item() <= TOL
+    loss, ref_loss = model.decoder(tokens), x_transformers.AutoregressiveWrapper(ref)(tokens)
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5
     loss.backward()
-    assert model.decoder.net.layers[0].attn.q_scale.grad is not None
+    ref_loss.backward()
+    ours_grad = model.decoder.net.layers[0].attn.q_scale.grad
+    ref_grad = dict(ref.named_parameters())["attn_layers.layers.0.1.qk_norm_q_scale"].grad
+    assert ours_grad.abs().max() > 0 and (ours_grad - ref_grad).abs().max() <= 1e-4 * ref_grad.abs().max()
 
 
 def test_unknown_arguments_are_named():

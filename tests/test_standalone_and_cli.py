@@ -75,14 +75,18 @@ def test_cli_streams_the_api_result(gpt2_shaped_repo, command, options):
     assert result.stdout == prompt + tokenizer.decode(out[0, idx.size(1):].tolist()) + "\n"
 
 
-def test_cli_reports_errors_without_a_traceback():
+def test_cli_reports_errors_without_a_traceback(gpt2_shaped_repo):
+    """A model that is not there, and a bad flag given with a model that is: exit 2, one line naming the culprit."""
     result = subprocess.run([sys.executable, "-m", "minhub", "generate", "nobody/missing", "hi"],
                             capture_output=True, text=True, env=_env(), cwd=REPO_ROOT)
-    assert result.returncode == 2
-    assert result.stderr.startswith("minhub: ") and "Traceback" not in result.stderr
-    result = subprocess.run([sys.executable, "-m", "minhub", "generate", "x", "hi", "--temperature", "-1"],
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("minhub: 'nobody/missing' is not in the Hugging Face cache")
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+    result = subprocess.run([sys.executable, "-m", "minhub", "generate", gpt2_shaped_repo, "hi", "--temperature", "-1"],
                             capture_output=True, text=True, env=_env(), cwd=REPO_ROOT)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("minhub: temperature must be a finite number >= 0 (0 means greedy), got -1.0")
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
 
 
 def test_cli_int8_streams_what_the_quantized_model_generates(gpt2_shaped_repo):
@@ -153,11 +157,19 @@ def test_gpt4_py_copied_alone_builds_saves_loads_and_samples(tmp_path):
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
-def test_gpt4_example_runs():
+def test_gpt4_example_samples_what_the_api_samples():
+    """The example without --model: the model it builds with seed 0 and the tokens GPT4.generate samples from it."""
     result = subprocess.run([sys.executable, "examples/gpt4_generate.py", "--new-tokens", "12"],
                             capture_output=True, text=True, env=_env(), cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr
-    assert len(result.stdout.splitlines()[-1].strip("[]").split(",")) == 12
+    torch.manual_seed(0)
+    model = minhub.GPT4(num_tokens=256, max_seq_len=128, dim=256, depth=4, dim_head=32, heads=8,
+                        alibi_num_heads=4).eval()
+    ids = list("ROMEO:".encode("utf-8"))
+    new = model.generate(torch.tensor([ids]), 12, temperature=0.8, filter_logits_fn="top_k", filter_kwargs={"k": 10},
+                         generator=torch.Generator().manual_seed(0))
+    count = sum(p.numel() for p in model.parameters())
+    assert result.stdout.splitlines()[-2:] == [f"{count:,} parameters; prompt {ids} ->", str(new[0].tolist())]
 
 
 # --- what the machine cannot do: one line, exit 2, nothing printed before -----------------------------------------
@@ -226,9 +238,16 @@ def test_cli_a_missing_device_is_one_line_naming_what_exists(gpt2_shaped_repo, d
     assert result.stderr.count("\n") == 1
 
 
-@pytest.mark.parametrize("option", [["--top-k", "-1"], ["--top-p", "1.5"], ["--temperature", "nan"],
-                                    ["--max-new-tokens", "-3"]])
-def test_cli_bad_sampling_values_fail_before_the_prompt_is_printed(gpt2_shaped_repo, option):
-    result = subprocess.run([sys.executable, "-m", "minhub", "generate", gpt2_shaped_repo, "hello", *option],
-                            capture_output=True, text=True, env=_env(), cwd=REPO_ROOT)
-    assert result.returncode == 2 and result.stdout == "" and result.stderr.startswith("minhub: ")
+@pytest.mark.parametrize("option, message", [
+    (["--top-k", "-1"], "top_k must be a positive integer, or None for no top-k filtering; got -1"),
+    (["--top-p", "1.5"], "top_p must be in (0, 1], or None for no nucleus filtering; got 1.5"),
+    (["--temperature", "nan"], "temperature must be a finite number >= 0 (0 means greedy), got nan"),
+    (["--max-new-tokens", "-3"], "--max-new-tokens must be >= 0, got -3"),
+], ids=["top-k", "top-p", "temperature", "max-new-tokens"])
+def test_cli_bad_sampling_values_fail_before_the_prompt_is_printed(gpt2_shaped_repo, option, message, capsys):
+    """With a model that loads, each bad value is refused by name, in one line, before anything is printed."""
+    from minhub.cli import main
+
+    assert main(["generate", gpt2_shaped_repo, "hello", *option]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == f"minhub: {message}\n"
