@@ -14,7 +14,7 @@ picked it, else PyTorch's torch._weight_int8pack_mm with bf16 activations; teach
 compile_decode: at batch 1 each weight matmul streams megabytes through the CPU caches, so every small op that follows
 it (layer norm, residual add, attention, the Python between them) starts cold and costs tens of microseconds.
 Compiling the one-token step into C++ (torch.compile, inductor, cpp_wrapper) removes most of what runs between them.
-The matrix products inside stay this machine's choice (minhub.matmul): minhub::linear is traced as an opaque call.
+The matrix products inside stay this machine's choice (minhub.matmul): minhub::linear and oneDNN are opaque calls.
 The default path already runs such a step at batch 1, compiled once per machine and model shape (minhub.precompiled);
 compile_decode also covers batches, padded prompts and the models that one leaves eager, at a compile per process.
 

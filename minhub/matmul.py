@@ -23,8 +23,8 @@ another order: fp32 logits stay within 1e-4 of transformers'.
 `use_fastest(model)` applies the plan: every nn.Linear becomes a `CPULinear` (the same module, parameters and hooks,
 with a forward that picks the kernel by dtype and row count). Only float32 and bfloat16 CPU inference of up to 16
 rows changes path: with gradients, other dtypes or devices, or for more rows (a prompt), CPULinear is nn.Linear;
-torch.compile traces minhub::linear as an opaque call. minhub's loaders call it, and quantize_int8 reads the int8
-choice; MINHUB_MATMUL=blas turns it all off.
+torch.compile traces minhub::linear and oneDNN's product as opaque calls. minhub's loaders call it, and
+quantize_int8 reads the int8 choice; MINHUB_MATMUL=blas turns it all off.
 """
 
 from __future__ import annotations
@@ -242,6 +242,19 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
+@torch.library.custom_op("minhub_onednn::linear", mutates_args=())
+def onednn_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """onednn_linear as an operator torch.compile keeps as an opaque call: inductor lowers
+    mkldnn._linear_pointwise only for weights it froze into constants, and the weights of a compiled decode step
+    (minhub.fast.compile_decode) stay the model's own tensors."""
+    return onednn_linear(x, weight, bias)
+
+
+@onednn_linear_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """PyTorch's weight-only int8 product: x (m, k) bf16 times int8 weight (n, k) times bf16 scale (n,)."""
     return torch._weight_int8pack_mm(x, weight, scale)
@@ -366,7 +379,7 @@ class CPULinear(nn.Linear):
                 x.dtype == torch.float32 and weight.stride(0) == 1)):
             return minhub_linear(x, weight, bias)
         if kernel == "onednn":
-            return onednn_linear(x, weight, bias)
+            return (onednn_linear_op if torch.compiler.is_compiling() else onednn_linear)(x, weight, bias)
         return F.linear(x, weight, bias)
 
 
