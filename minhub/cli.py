@@ -264,11 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("dim_head", "gpt4: width of one head"),
         ("alibi_num_heads", "gpt4: heads with ALiBi (default half)"), ("batch_size", "sequences per micro-step"),
         ("grad_accum", "micro-steps per optimizer step"), ("max_steps", "optimizer steps"),
-        ("warmup_steps", "linear warmup steps"), ("eval_every", "steps between loss estimates"),
+        ("warmup_steps", "linear warmup steps (0 with --init-from)"),
+        ("eval_every", "steps between loss estimates"),
         ("eval_steps", "batches per loss estimate"), ("save_every", "steps between checkpoints (default eval_every)"),
         ("seed", "random seed"),
     ]:
-        from_base = name in TrainConfig.BASE_FIELDS or name == "block_size"
+        from_base = name in TrainConfig.BASE_FIELDS or name in ("block_size", "warmup_steps")  # None: decided later
         default = TrainConfig.SCRATCH_DEFAULTS.get(name, getattr(defaults, name))
         tr.add_argument("--" + name.replace("_", "-"), type=int, default=None if from_base else default,
                         help=help_text + (f"; default {default}" if from_base else ""))

@@ -55,7 +55,7 @@ class TrainConfig:
     max_steps: int = 5000
     lr: float | None = None  # None: 1e-3, or with init_from FINE_TUNE_LR
     min_lr: float | None = None  # None: 1e-4, or with init_from lr (constant)
-    warmup_steps: int = 100
+    warmup_steps: int | None = None  # None: 100, or with init_from 0 (a constant lr, as nanoGPT fine-tunes)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -81,7 +81,7 @@ class TrainConfig:
     # what --init-from takes from the base model (given together with it, they are an error)
     BASE_FIELDS = ("model", "tokenizer", "n_layer", "n_head", "n_embd", "dim_head", "alibi_num_heads")
     FINE_TUNE_LR = 3e-5  # nanoGPT's finetune_shakespeare: a small, constant learning rate
-    SCRATCH_DEFAULTS = {"block_size": 256, "lr": 1e-3, "min_lr": 1e-4}  # what None means for a run from scratch
+    SCRATCH_DEFAULTS = {"block_size": 256, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 100}  # None from scratch
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -259,7 +259,7 @@ def load_base(config: TrainConfig):
 
 def with_defaults(config: TrainConfig, base: nn.Module | None) -> TrainConfig:
     """Fill the fields left None: from scratch SCRATCH_DEFAULTS; from a base model its context as block_size and
-    FINE_TUNE_LR, constant. A block_size past the base's context is a TrainError."""
+    FINE_TUNE_LR, constant (no warmup). A block_size past the base's context is a TrainError."""
     from dataclasses import replace
 
     if base is None:
@@ -269,7 +269,8 @@ def with_defaults(config: TrainConfig, base: nn.Module | None) -> TrainConfig:
     if not 2 <= block_size <= context:
         raise TrainError(f"block_size must be in [2, {context}] (the context of {config.init_from}), got {block_size}")
     lr = TrainConfig.FINE_TUNE_LR if config.lr is None else config.lr
-    return replace(config, block_size=block_size, lr=lr, min_lr=lr if config.min_lr is None else config.min_lr)
+    return replace(config, block_size=block_size, lr=lr, min_lr=lr if config.min_lr is None else config.min_lr,
+                   warmup_steps=0 if config.warmup_steps is None else config.warmup_steps)
 
 
 def fine_tune_model(base_config, state_dict: dict[str, torch.Tensor], config: TrainConfig) -> nn.Module:

@@ -103,6 +103,37 @@ def test_a_cropped_context_and_an_exact_resume(base, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def record_learning_rates(monkeypatch) -> list[list[float]]:
+    """A list that fills, during the next run, with every parameter group's learning rate at every optimizer step
+    (read from the optimizer the loop steps, through a step pre-hook on minhub.train.build_optimizer's result)."""
+    import minhub.train as train_module
+
+    lrs: list[list[float]] = []
+    real_build_optimizer = train_module.build_optimizer
+
+    def build_optimizer(model, config, fused):
+        optimizer = real_build_optimizer(model, config, fused)
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs: lrs.append([g["lr"] for g in opt.param_groups]))
+        return optimizer
+
+    monkeypatch.setattr(train_module, "build_optimizer", build_optimizer)
+    return lrs
+
+
+NANOGPT_FINE_TUNE_LR = 3e-5  # nanoGPT's config/finetune_shakespeare.py: learning_rate = 3e-5, decay_lr = False
+
+
+@pytest.mark.parametrize("warmup_steps", [0, None], ids=["no-warmup", "default-warmup"])
+def test_a_fine_tune_defaults_to_nanogpts_constant_learning_rate(base, tmp_path, monkeypatch, warmup_steps):
+    """Reference: nanoGPT's Shakespeare fine-tune, a constant 3e-5 at every step (no warmup, no decay), for both
+    parameter groups, when --lr and --min-lr are not given."""
+    lrs = record_learning_rates(monkeypatch)
+    train(fine_tune(base, tmp_path / "run", lr=None, min_lr=None, warmup_steps=warmup_steps, max_steps=4,
+                    eval_every=4, eval_steps=1))
+    assert len(lrs) == 4
+    assert [lr for step in lrs for lr in step] == pytest.approx([NANOGPT_FINE_TUNE_LR] * 8, rel=1e-12)
+
+
 def test_an_unknown_base_is_one_error_before_anything_is_written(base, tmp_path):
     with pytest.raises(TrainError, match="--init-from nobody/missing: .*nobody/missing"):
         train(fine_tune(base, tmp_path / "run", init_from="nobody/missing"))
