@@ -1,0 +1,123 @@
+"""Deliberate defects, one at a time, each against the tests that cover its module: a defect the tests let through
+is a hole in the suite. Run from the repository root:
+
+    python tests/mutants.py            # every defect (about 15 minutes on 2 cores)
+    python tests/mutants.py top-p      # those whose name contains "top-p"
+
+Each defect is applied to a copy of the repository in a temporary directory (the working tree is never touched),
+where `python -m pytest -x` runs the tests named beside it; pytest's exit status says whether they caught it. The
+table it prints ends with the count of defects that survived; the exit status is 1 if any did.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Defect:
+    name: str
+    file: str  # relative to the repository root
+    edits: tuple[tuple[str, str], ...]  # (text that occurs exactly once, what replaces it)
+    tests: tuple[str, ...]  # pytest arguments: files, -k expressions
+
+
+DEFECTS = (
+    Defect("train: constant learning rate", "minhub/train.py",
+           (('    """Linear warmup to lr, then cosine decay to min_lr at max_steps."""\n',
+             '    """Linear warmup to lr, then cosine decay to min_lr at max_steps."""\n    return config.lr\n'),),
+           ("tests/test_train.py",)),
+    Defect("train: weight decay on every parameter", "minhub/train.py",
+           (("    decay = [p for p in params if id(p) in matrices]\n", "    decay = list(params)\n"),
+            ("    no_decay = [p for p in params if id(p) not in matrices]\n", "    no_decay = []\n")),
+           ("tests/test_train.py",)),
+    Defect("train: DDP without the gradient all-reduce", "minhub/train.py",
+           (("sync = world == 1 or micro == config.grad_accum - 1", "sync = world == 1"),),
+           ("tests/test_train.py", "-k", "ddp")),
+    Defect("train: accumulated gradients not averaged", "minhub/train.py",
+           (("y.flatten()) / config.grad_accum", "y.flatten())"),),
+           ("tests/test_train.py",)),
+    Defect("serve: logits - max instead of log-probabilities", "minhub/serve.py",
+           (("logprobs = logits.float().log_softmax(-1)",
+             "logprobs = logits.float() - logits.float().amax(-1, keepdim=True)"),),
+           ("tests/test_serve.py",)),
+    Defect("matmul: the plan takes the slowest kernel", "minhub/matmul.py",
+           (("best = min(candidates, key=seconds.get)", "best = max(candidates, key=seconds.get)"),),
+           ("tests/test_matmul.py", "-k", "plan")),
+    Defect("matmul: bf16 bias dropped by minhub::linear", "minhub/matmul.py",
+           (("            return minhub_linear(x, weight, bias)\n",
+             "            return minhub_linear(x, weight, bias if x.dtype == torch.float32 else None)\n"),),
+           ("tests/test_matmul.py", "-k", "bfloat16")),
+    Defect("matmul: oneDNN dropped from compiled steps", "minhub/matmul.py",
+           (("(onednn_linear_op if torch.compiler.is_compiling() else onednn_linear)", "onednn_linear"),),
+           ("tests/test_fast.py", "-k", "compiled_fp32")),
+    Defect("generation: top-p keeps only the argmax", "minhub/generation.py",
+           (("outside = probs.cumsum(-1) - probs >= top_p", "outside = probs.cumsum(-1) - probs > 0"),),
+           ("tests/test_generate.py",)),
+    Defect("generation: top-p drops the token that crosses top_p", "minhub/generation.py",
+           (("outside = probs.cumsum(-1) - probs >= top_p", "outside = probs.cumsum(-1) >= top_p"),),
+           ("tests/test_generate.py",)),
+    Defect("fast: int8 bias dropped by minhub::linear", "minhub/fast.py",
+           (("matmul.minhub_linear(x.contiguous(), self.weight, self.bias, self.scale)",
+             "matmul.minhub_linear(x.contiguous(), self.weight, None, self.scale)"),),
+           ("tests/test_fast.py", "-k", "int8")),
+    Defect("precompiled: attention scaled by 1/sqrt(2 d)", "minhub/precompiled.py",
+           (('scale = options.get("scale") or q.meta["val"].shape[-1] ** -0.5',
+             'scale = options.get("scale") or (2 * q.meta["val"].shape[-1]) ** -0.5'),),
+           ("tests/test_precompiled.py", "-k", "transformers")),
+    Defect("gpt2: LayerNorm epsilon ignored", "minhub/gpt2.py",
+           (("eps=config.layer_norm_epsilon", "eps=1e-3"),),
+           ("tests/test_gpt2_loading.py",)),
+)
+
+
+def copy_of_repository(directory: Path) -> Path:
+    """The files a test run needs (the package, the tests, pyproject.toml) under `directory`."""
+    for name in ("minhub", "tests"):
+        shutil.copytree(ROOT / name, directory / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", directory)
+    return directory
+
+
+def run(defect: Defect) -> tuple[bool, float, str]:
+    """(caught, seconds, the last line pytest printed) for one defect."""
+    with tempfile.TemporaryDirectory(prefix="minhub-mutant-") as tmp:
+        copy = copy_of_repository(Path(tmp))
+        path = copy / defect.file
+        text = path.read_text()
+        for old, new in defect.edits:
+            if text.count(old) != 1:
+                raise SystemExit(f"{defect.name}: {old!r} occurs {text.count(old)} times in {defect.file}")
+            text = text.replace(old, new)
+        path.write_text(text)
+        start = time.perf_counter()
+        # the copy comes first on sys.path (python -m puts the working directory there), before any installed minhub
+        done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *defect.tests],
+                              cwd=copy, capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.strip()]
+        return done.returncode != 0, time.perf_counter() - start, lines[-1] if lines else done.stderr[-200:]
+
+
+def main(argv: list[str]) -> int:
+    chosen = [d for d in DEFECTS if not argv or any(a in d.name for a in argv)]
+    survived = 0
+    print("| defect | tests | result | seconds |\n|---|---|---|---|")
+    for defect in chosen:
+        caught, seconds, last = run(defect)
+        survived += not caught
+        result = "caught" if caught else f"**survived** ({last})"
+        print(f"| {defect.name} | `{' '.join(defect.tests)}` | {result} | {seconds:.0f} |", flush=True)
+    print(f"\n{len(chosen) - survived} of {len(chosen)} caught, {survived} survived")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
