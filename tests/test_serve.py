@@ -8,6 +8,7 @@ continuous batching. The GPT4 run is checked against x-transformers (the referen
 
 import concurrent.futures
 import contextlib
+import copy
 import functools
 import http.client
 import json
@@ -405,3 +406,35 @@ def test_packing_follows_the_cpu_probe(onednn, monkeypatch):
     assert bool(packed) == onednn
     if not onednn:
         assert all(isinstance(m, torch.nn.Linear) for m in (model.lm_head, model.transformer.h[0].mlp.c_fc))
+
+
+@pytest.mark.parametrize("plan_name", ["blas", "minhub", "minhub one row + onednn"])
+def test_a_bf16_server_decodes_transformers_bf16_tokens_under_every_plan(server, plan_name, monkeypatch):
+    """bf16 weights stay unpacked, so the matmul plan's kernels decode the server's batch: each plan forced
+    (tests/plans.py), three prompts decoded side by side (few rows) and one alone (one row). Reference: transformers
+    with the model in bf16: the same greedy text, and log-probabilities within 1.5x the distance between its own
+    bf16 and fp32 log-probabilities on those tokens."""
+    from plans import force
+
+    force(monkeypatch, plan_name)
+    app = build_app(MODEL, max_batch=4, dtype="bfloat16")
+    rounded = copy.deepcopy(REFERENCE["model"]).to(torch.bfloat16)
+    with BackgroundServer(app) as running:
+        c = client(running.port)
+        batched = c.completions.create(model=MODEL, prompt=PROMPTS[:3], max_tokens=8, temperature=0, logprobs=1)
+        alone = c.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=8, temperature=0, logprobs=1)
+    for prompt, choice in zip(PROMPTS[:4], sorted(batched.choices, key=lambda ch: ch.index) + alone.choices):
+        ids = TOKENIZER.encode(prompt).ids
+        new = []
+        with torch.no_grad(), one_thread():
+            for _ in range(8):
+                full = torch.tensor([ids + new])
+                theirs = rounded(full).logits[0, -1].float().log_softmax(-1)
+                exact = REFERENCE["model"](full).logits[0, -1].log_softmax(-1)
+                token = int(theirs.argmax())
+                if token == EOS:
+                    break
+                bound = 1.5 * (theirs - exact).abs().max().item()
+                assert choice.logprobs.token_logprobs[len(new)] == pytest.approx(float(theirs[token]), abs=bound)
+                new.append(token)
+        assert choice.text == TOKENIZER.decode(new), prompt
