@@ -309,9 +309,9 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(server, monkeypatch)
     row = next(row for row in scheduler.rows if row is not None and row.max_tokens == 60)
     connection.sock.close()
     connection.close()
-    deadline = time.time() + 10
+    hang_guard = time.monotonic() + 60  # a bound, not a speed requirement: the assertion below is the check
     while any(r is row for r in scheduler.rows):
-        assert time.time() < deadline, "the row of a client that went away is still decoding"
+        assert time.monotonic() < hang_guard, "the row of a client that went away is still decoding"
         time.sleep(0.01)
     assert row.cancelled and len(row.generated) < 60
     result = client(server).completions.create(model=MODEL, prompt="A", max_tokens=3, temperature=0)
