@@ -196,3 +196,33 @@ def from_x_transformers_state_dict(
             raise KeyError(f"{name}: not part of the GPT4 architecture")
         out[new] = tensor + offset if name.endswith(".gamma") else tensor
     return out
+
+
+def x_transformers_gpt4(num_tokens: int = 97, max_seq_len: int = 48, **options):
+    """(x-transformers' TransformerWrapper + Decoder built with a GPT4Config's options, minhub's GPT4 holding the same
+    weights). The reference's norm gains and QK-norm scales (and biases, absolute positions) are moved away from
+    their init, so that a missed mapping shows."""
+    import x_transformers
+
+    from minhub import GPT4
+    from minhub.gpt4 import GPT4Config
+
+    cfg = GPT4Config(num_tokens=num_tokens, max_seq_len=max_seq_len, **options)
+    net = x_transformers.TransformerWrapper(
+        num_tokens=cfg.num_tokens, max_seq_len=cfg.max_seq_len, use_abs_pos_emb=cfg.use_abs_pos_emb,
+        attn_layers=x_transformers.Decoder(
+            dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, attn_dim_head=cfg.dim_head,
+            alibi_pos_bias=cfg.alibi_pos_bias, alibi_num_heads=cfg.alibi_num_heads, rotary_xpos=cfg.rotary_xpos,
+            attn_flash=cfg.attn_flash, attn_one_kv_head=cfg.attn_one_kv_head, attn_qk_norm=cfg.attn_qk_norm,
+            attn_qk_norm_dim_scale=cfg.attn_qk_norm_dim_scale,
+        ),
+    ).eval()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith(("gamma", "_scale")):
+                p.add_(torch.randn_like(p) * 0.3)
+            if name.endswith(".bias") or name == "pos_emb.emb.weight":
+                p.add_(torch.randn_like(p) * 0.1)
+    ours = GPT4(cfg).eval()
+    ours.load_state_dict(from_x_transformers_state_dict(net.state_dict()), strict=True)
+    return net, ours

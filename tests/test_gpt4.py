@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import from_x_transformers_state_dict, hf_gpt2, put_in_hub_cache, save_checkpoint
+from helpers import from_x_transformers_state_dict, hf_gpt2, put_in_hub_cache, save_checkpoint, x_transformers_gpt4
 from test_generate import DRAWS, LOGITS, assert_frequencies
 
 import minhub
@@ -30,27 +30,7 @@ CONFIGS = {
 }
 
 
-def reference(num_tokens=97, max_seq_len=48, **options):
-    """x-transformers' TransformerWrapper + Decoder with the GPT4 options, gains perturbed away from their init."""
-    cfg = GPT4Config(num_tokens=num_tokens, max_seq_len=max_seq_len, **options)
-    net = x_transformers.TransformerWrapper(
-        num_tokens=cfg.num_tokens, max_seq_len=cfg.max_seq_len, use_abs_pos_emb=cfg.use_abs_pos_emb,
-        attn_layers=x_transformers.Decoder(
-            dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, attn_dim_head=cfg.dim_head,
-            alibi_pos_bias=cfg.alibi_pos_bias, alibi_num_heads=cfg.alibi_num_heads, rotary_xpos=cfg.rotary_xpos,
-            attn_flash=cfg.attn_flash, attn_one_kv_head=cfg.attn_one_kv_head, attn_qk_norm=cfg.attn_qk_norm,
-            attn_qk_norm_dim_scale=cfg.attn_qk_norm_dim_scale,
-        ),
-    ).eval()
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if name.endswith(("gamma", "_scale")):  # norm gains and QK-norm scales: a missed mapping shows
-                p.add_(torch.randn_like(p) * 0.3)
-            if name.endswith(".bias") or name == "pos_emb.emb.weight":
-                p.add_(torch.randn_like(p) * 0.1)
-    ours = GPT4(cfg).eval()
-    ours.load_state_dict(from_x_transformers_state_dict(net.state_dict()), strict=True)
-    return net, ours
+reference = x_transformers_gpt4  # (x-transformers' network, minhub's GPT4 with its weights)
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))

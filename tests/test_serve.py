@@ -335,27 +335,12 @@ def test_a_seeded_request_samples_the_same_alone_and_beside_others(server):
 def test_a_gpt4_run_is_served_one_row_at_a_time(tmp_path):
     """Reference: x-transformers' greedy generation (no cache) with the weights the server serves."""
     x_transformers = pytest.importorskip("x_transformers")
-    from helpers import from_x_transformers_state_dict
+    from helpers import x_transformers_gpt4
     from starlette.testclient import TestClient
 
-    from minhub import GPT4
-    from minhub.gpt4 import GPT4Config
-
-    cfg = GPT4Config(num_tokens=50257, max_seq_len=40, dim=32, depth=2, dim_head=16, heads=4, alibi_num_heads=2)
     torch.manual_seed(0)
-    net = x_transformers.TransformerWrapper(
-        num_tokens=cfg.num_tokens, max_seq_len=cfg.max_seq_len, use_abs_pos_emb=cfg.use_abs_pos_emb,
-        attn_layers=x_transformers.Decoder(
-            dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, attn_dim_head=cfg.dim_head,
-            alibi_pos_bias=cfg.alibi_pos_bias, alibi_num_heads=cfg.alibi_num_heads, rotary_xpos=cfg.rotary_xpos,
-            attn_flash=cfg.attn_flash, attn_one_kv_head=cfg.attn_one_kv_head, attn_qk_norm=cfg.attn_qk_norm,
-            attn_qk_norm_dim_scale=cfg.attn_qk_norm_dim_scale)).eval()
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if name.endswith(("gamma", "_scale")):  # gains away from their init: a missed mapping shows
-                p.add_(torch.randn_like(p) * 0.3)
-    ours = GPT4(cfg)
-    ours.load_state_dict(from_x_transformers_state_dict(net.state_dict()), strict=True)
+    net, ours = x_transformers_gpt4(num_tokens=50257, max_seq_len=40, dim=32, depth=2, dim_head=16, heads=4,
+                                    alibi_num_heads=2)
     ours.save_pretrained(tmp_path / "run")
     (tmp_path / "run" / "tokenizer.json").write_bytes((TOKENIZER_DIR / "tokenizer.json").read_bytes())
     put_in_hub_cache("tests/serve-gpt4", tmp_path / "run")
