@@ -1,7 +1,7 @@
 """GPT-2 124M inference, minhub next to transformers, in one process on the same weights.
 
 Prints the machine, absolute figures, ratios (minhub / transformers) and the memory-bandwidth roofline, then a
-markdown table for the README. Run from the repo root:  python bench/bench_gpt2.py
+markdown table for docs/speed.md. Run from the repo root:  python bench/bench_gpt2.py
 (--model DIR_OR_REPO uses real weights; by default a random checkpoint with GPT-2 124M's exact shapes is written to a
 temporary directory: speed does not depend on the values.)
 """
@@ -83,8 +83,8 @@ def eager_step(model):
 
 
 def blas_only(model_dir: Path):
-    """The model as the default path ran it before issue 13: nn.Linear with BLAS for every product
-    (MINHUB_MATMUL=blas) and the eager decode step."""
+    """The BLAS-only model: nn.Linear with PyTorch's kernel for every product (MINHUB_MATMUL=blas) and the eager
+    decode step."""
     previous = os.environ.get("MINHUB_MATMUL")
     os.environ["MINHUB_MATMUL"] = "blas"
     try:
@@ -362,7 +362,7 @@ def main() -> None:
 
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:
-    """A markdown table, as the README holds them."""
+    """A markdown table, as docs/speed.md holds them."""
     for row in [header, ["---"] * len(header), *rows]:
         print(f"| {' | '.join(row)} |")
 

@@ -2,7 +2,7 @@
 
 prepack: PyTorch's CPU matmul reorders ("packs") the weight into the kernel's blocked layout on every call when the
 batch is small, and for bfloat16 weights that repacking costs as much as the multiply. Packing each nn.Linear once
-with oneDNN removes it. Measured on a 2-core Xeon (bench/bench_gpt2.py, README table), GPT-2 124M: bf16 packed
+with oneDNN removes it. Measured on a 2-core Xeon (bench/bench_gpt2.py, docs/speed.md), GPT-2 124M: bf16 packed
 decodes 1.79x as fast as fp32 transformers at batch 1 and 2.52x at batch 8; fp32 packed helps batched decoding
 (1.51x at batch 8, plain fp32 1.16x) but not batch 1 (0.97x, plain 1.17x).
 
@@ -58,8 +58,8 @@ class PackedLinear(nn.Module):
 def prepack(model: nn.Module, dtype: torch.dtype = torch.bfloat16, batch_size: int = 1) -> nn.Module:
     """Convert `model` (in place) to `dtype` and replace every nn.Linear by a PackedLinear; return it.
 
-    dtype: torch.bfloat16 (half the bytes per token; logits differ from fp32 by bf16 rounding, see the README's
-    accuracy figures) or torch.float32 (same numbers as the plain model, faster for batched decoding).
+    dtype: torch.bfloat16 (half the bytes per token; logits differ from fp32 by bf16 rounding, see the accuracy
+    figures in docs/speed.md) or torch.float32 (same numbers as the plain model, faster for batched decoding).
     batch_size: the batch you will decode with, a layout hint. The model must be on the CPU; it becomes
     inference-only (call it under torch.inference_mode()).
     bf16 packing needs oneDNN's bf16 kernels (AVX-512 BW/VL/DQ or AVX-NE-CONVERT): on other CPUs, such as AVX2-only

@@ -577,7 +577,7 @@ def build_app(model_id: str, revision: str | None = None, *, max_batch: int = 8,
         from minhub.fast import prepack
 
         # the server only decodes: weights packed once for oneDNN give the same numbers, and batched decoding
-        # 2.3x faster than plain fp32 on an AVX2 EPYC (README, Speed)
+        # 2.2x as fast as BLAS-only fp32 on an AVX2 EPYC (docs/speed.md)
         prepack(model, torch.float32, max_batch)
     return create_app(model, tokenizer, str(model_id), max_batch=max_batch, api_key=api_key, eos_token_id=eos)
 

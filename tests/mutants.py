@@ -11,6 +11,7 @@ table it prints ends with the count of defects that survived; the exit status is
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -99,9 +100,11 @@ def run(defect: Defect) -> tuple[bool, float, str]:
             text = text.replace(old, new)
         path.write_text(text)
         start = time.perf_counter()
-        # the copy comes first on sys.path (python -m puts the working directory there), before any installed minhub
+        # the copy comes first on sys.path, before any installed minhub: in pytest (python -m puts the working
+        # directory there) and in the processes tests start (PYTHONPATH), such as DDP workers
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(copy), os.environ.get("PYTHONPATH")]))}
         done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *defect.tests],
-                              cwd=copy, capture_output=True, text=True)
+                              cwd=copy, capture_output=True, text=True, env=env)
         lines = [line for line in done.stdout.splitlines() if line.strip()]
         return done.returncode != 0, time.perf_counter() - start, lines[-1] if lines else done.stderr[-200:]
 

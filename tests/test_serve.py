@@ -208,7 +208,7 @@ def test_n_sampled_choices_differ_and_a_seed_repeats_them(server):
     again = ask(seed=7)
     assert [(ch.text, ch.logprobs.token_logprobs, ch.finish_reason) for ch in again] == \
         [(ch.text, ch.logprobs.token_logprobs, ch.finish_reason) for ch in seeded]
-    for ch in ask():  # no seed: the README promises nothing about repetition, only top_k and the format
+    for ch in ask():  # no seed: docs/serving.md promises nothing about repetition, only top_k and the format
         check_sampled(PROMPTS[2], ch, 5, 8)
 
 
@@ -319,7 +319,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(server, monkeypatch)
 
 
 def test_a_seeded_request_samples_the_same_alone_and_beside_others(server):
-    """As the README promises: a seeded request's sample does not depend on the other rows of the batch."""
+    """As docs/serving.md promises: a seeded request's sample does not depend on the other rows of the batch."""
     def ask(prompt: str, seed: int) -> str:
         return client(server).completions.create(model=MODEL, prompt=prompt, max_tokens=15, temperature=0.9,
                                                  seed=seed, extra_body={"top_k": 40}).choices[0].text
