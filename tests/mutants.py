@@ -70,12 +70,13 @@ DEFECTS = (
            (("matmul.minhub_linear(x.contiguous(), self.weight, self.bias, self.scale)",
              "matmul.minhub_linear(x.contiguous(), self.weight, None, self.scale)"),),
            ("tests/test_fast.py", "-k", "int8")),
-    Defect("precompiled: attention scaled by 1/sqrt(2 d)", "minhub/precompiled.py",
-           (('scale = options.get("scale") or q.meta["val"].shape[-1] ** -0.5',
-             'scale = options.get("scale") or (2 * q.meta["val"].shape[-1]) ** -0.5'),),
+    Defect("precompiled: minhub::attend given half the attention scale", "minhub/precompiled.py",
+           (("(torch.ops.minhub.attend.default, (q, k, v, float(scale)))",
+             "(torch.ops.minhub.attend.default, (q, k, v, 0.5 * float(scale)))"),),
            ("tests/test_precompiled.py", "-k", "transformers")),
-    Defect("gpt2: LayerNorm epsilon ignored", "minhub/gpt2.py",
-           (("eps=config.layer_norm_epsilon", "eps=1e-3"),),
+    Defect("gpt2: the final LayerNorm's epsilon ignored", "minhub/gpt2.py",
+           (("ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)",
+             "ln_f=nn.LayerNorm(config.n_embd, eps=1e-3)"),),
            ("tests/test_gpt2_loading.py",)),
 )
 
