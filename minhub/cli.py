@@ -215,25 +215,37 @@ def plot_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minhub", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+def _add_revision(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--revision", default=None, help="branch, tag or commit sha on the hub")
 
+
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
+
+
+def _add_dtype(parser: argparse.ArgumentParser, help_text: str | None = None) -> None:
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help=help_text)
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 is greedy decoding (default 1.0)")
+    parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 disables")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+    parser.add_argument("--seed", type=int, default=None, help="make sampling repeatable")
+
+
+def _add_generate_arguments(commands: argparse._SubParsersAction) -> None:
     gen = commands.add_parser("generate", help="continue a prompt with a GPT-2 checkpoint or a GPT4-style run, "
                                                "streaming the text")
     gen.add_argument("model", help="hub repo id (gpt2, gpt2-medium, distilgpt2, org/name) or a local directory "
                                    "(GPT-2, or a GPT4-style run of minhub train)")
     gen.add_argument("prompt", help="text to continue ('' starts from <|endoftext|>)")
-    gen.add_argument("--max-new-tokens", type=int, default=40)
-    gen.add_argument("--temperature", type=float, default=1.0, help="0 is greedy decoding (default 1.0)")
-    gen.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 disables")
-    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
-    gen.add_argument("--seed", type=int, default=None, help="make sampling repeatable")
-    gen.add_argument("--revision", default=None, help="branch, tag or commit sha on the hub")
-    gen.add_argument("--dtype", choices=DTYPES, default="float32",
-                     help="bfloat16 on the CPU packs the weights for oneDNN where it has bf16 kernels (AVX-512 "
-                          "BW/VL/DQ or AVX-NE-CONVERT), elsewhere takes minhub.matmul's bf16 path")
-    gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
+    _add_sampling_arguments(gen)
+    _add_revision(gen)
+    _add_dtype(gen, "bfloat16 on the CPU packs the weights for oneDNN where it has bf16 kernels (AVX-512 "
+                    "BW/VL/DQ or AVX-NE-CONVERT), elsewhere takes minhub.matmul's bf16 path")
+    _add_device(gen)
     gen.add_argument("--ignore-eos", action="store_true", help="keep going after <|endoftext|>")
     gen.add_argument("--int8", action="store_true",
                      help="int8 weights, on CPU (minhub.fast.quantize_int8): fastest, least exact")
@@ -243,21 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "already run a step compiled once per machine (minhub.precompiled)")
     gen.set_defaults(handler=generate_command)
 
+
+def _add_train_hyperparameters(tr: argparse.ArgumentParser) -> None:
+    """The numeric TrainConfig fields as --options; None where the default is only decided once the run knows
+    whether it starts from scratch or from --init-from."""
     from minhub.train import TrainConfig
 
     defaults = TrainConfig()
-    tr = commands.add_parser("train", help="train a GPT-2 or GPT4-style model on a text file, from scratch or "
-                             "from a pretrained GPT-2 (--init-from)",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    tr.add_argument("--data", required=True, help="UTF-8 text file")
-    tr.add_argument("--out", required=True, help="run directory (checkpoints, tokenizer, logs)")
-    tr.add_argument("--init-from", default=None,
-                    help="fine-tune this GPT-2 (hub id, commit, directory or run): its weights, shape and tokenizer")
-    tr.add_argument("--revision", default=None, help="branch, tag or commit of --init-from")
-    # None: not given (the defaults are TrainConfig's, or with --init-from the base model's)
-    tr.add_argument("--model", choices=("gpt2", "gpt4"), default=None, help=f"default {defaults.model}")
-    tr.add_argument("--tokenizer", default=None,
-                    help=f"char, gpt2, or a tokenizer.json / directory / hub repo; default {defaults.tokenizer}")
     for name, help_text in [
         ("n_layer", "layers (gpt4: depth)"), ("n_head", "attention heads"), ("n_embd", "model width (gpt4: dim)"),
         ("block_size", "context length (--init-from: at most the base's, default its own)"),
@@ -282,6 +286,25 @@ def build_parser() -> argparse.ArgumentParser:
                         default=None if fine_tune_default else getattr(defaults, name),
                         help=help_text + (f"; default {TrainConfig.SCRATCH_DEFAULTS[name]} ({TrainConfig.FINE_TUNE_LR} "
                                           "with --init-from)" if fine_tune_default else ""))
+
+
+def _add_train_arguments(commands: argparse._SubParsersAction) -> None:
+    from minhub.train import TrainConfig
+
+    defaults = TrainConfig()
+    tr = commands.add_parser("train", help="train a GPT-2 or GPT4-style model on a text file, from scratch or "
+                             "from a pretrained GPT-2 (--init-from)",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tr.add_argument("--data", required=True, help="UTF-8 text file")
+    tr.add_argument("--out", required=True, help="run directory (checkpoints, tokenizer, logs)")
+    tr.add_argument("--init-from", default=None,
+                    help="fine-tune this GPT-2 (hub id, commit, directory or run): its weights, shape and tokenizer")
+    tr.add_argument("--revision", default=None, help="branch, tag or commit of --init-from")
+    # None: not given (the defaults are TrainConfig's, or with --init-from the base model's)
+    tr.add_argument("--model", choices=("gpt2", "gpt4"), default=None, help=f"default {defaults.model}")
+    tr.add_argument("--tokenizer", default=None,
+                    help=f"char, gpt2, or a tokenizer.json / directory / hub repo; default {defaults.tokenizer}")
+    _add_train_hyperparameters(tr)
     tr.add_argument("--token-dtype", choices=("auto", "uint16", "uint32"), default=defaults.token_dtype)
     tr.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:1, mps")
     tr.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=defaults.dtype,
@@ -290,35 +313,54 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     tr.set_defaults(handler=train_command)
 
-    for name, help_text in [("perplexity", "perplexity of a text file (the strided loop of the transformers guide)"),
-                            ("score", "each token's log-probability in a text file, and the perplexity")]:
-        sc = commands.add_parser(name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        sc.add_argument("model", help="hub repo id (e.g. gpt2), commit, or local directory / minhub run")
-        sc.add_argument("file", help="UTF-8 text file")
-        sc.add_argument("--max-length", type=int, default=None, help="window length (default: the model's context)")
-        sc.add_argument("--stride", type=int, default=None, help="distance between windows (default: max length / 2)")
-        sc.add_argument("--batch-size", type=int, default=1, help="full-length windows per forward")
-        sc.add_argument("--revision", default=None, help="branch, tag or commit sha on the hub")
-        sc.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
-        sc.add_argument("--json", action="store_true", help="print one JSON object")
-        sc.set_defaults(handler=score_command, handler_name=name)
 
+def _add_scoring_arguments(commands: argparse._SubParsersAction, name: str, help_text: str) -> None:
+    """`perplexity` and `score` take the same arguments; score_command tells them apart by handler_name."""
+    sc = commands.add_parser(name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sc.add_argument("model", help="hub repo id (e.g. gpt2), commit, or local directory / minhub run")
+    sc.add_argument("file", help="UTF-8 text file")
+    sc.add_argument("--max-length", type=int, default=None, help="window length (default: the model's context)")
+    sc.add_argument("--stride", type=int, default=None, help="distance between windows (default: max length / 2)")
+    sc.add_argument("--batch-size", type=int, default=1, help="full-length windows per forward")
+    _add_revision(sc)
+    _add_device(sc)
+    sc.add_argument("--json", action="store_true", help="print one JSON object")
+    sc.set_defaults(handler=score_command, handler_name=name)
+
+
+def _add_serve_arguments(commands: argparse._SubParsersAction) -> None:
     sv = commands.add_parser("serve", help="an OpenAI-compatible completions server (pip install 'minhub[serve]')",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sv.add_argument("model", help="hub repo id, commit, or local directory / minhub run")
-    sv.add_argument("--revision", default=None, help="branch, tag or commit sha on the hub")
+    _add_revision(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--max-batch", type=int, default=8, help="rows decoded together (continuous batching)")
-    sv.add_argument("--dtype", choices=DTYPES, default="float32")
-    sv.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
+    _add_dtype(sv)
+    _add_device(sv)
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     sv.set_defaults(handler=serve_command)
 
+
+def _add_plot_arguments(commands: argparse._SubParsersAction) -> None:
     pl = commands.add_parser("plot", help="plot a run's train/validation loss curves to a PNG (needs matplotlib)")
     pl.add_argument("run", help="run directory of `minhub train`")
     pl.add_argument("--output", default=None, help="PNG path (default RUN/loss.png)")
     pl.set_defaults(handler=plot_command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `minhub` parser: one subcommand per *_command function, each with its handler set as a default."""
+    parser = argparse.ArgumentParser(prog="minhub", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    # the order of these calls is the order of the subcommands in `minhub --help`
+    _add_generate_arguments(commands)
+    _add_train_arguments(commands)
+    _add_scoring_arguments(commands, "perplexity",
+                           "perplexity of a text file (the strided loop of the transformers guide)")
+    _add_scoring_arguments(commands, "score", "each token's log-probability in a text file, and the perplexity")
+    _add_serve_arguments(commands)
+    _add_plot_arguments(commands)
     return parser
 
 
