@@ -22,7 +22,7 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -403,6 +403,101 @@ class Choice:
         return piece
 
 
+class InFlight:
+    """One completions request while it decodes: its choices (n per prompt), the rows it hands the scheduler, and
+    the events the model thread sends back for them, turned into OpenAI's payloads (whole, or streamed)."""
+
+    def __init__(self, req: dict[str, Any], tokenizer, served_name: str, eos_token_id: int | None) -> None:
+        loop = asyncio.get_running_loop()
+        self.req, self.served_name = req, served_name
+        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.choices: list[Choice] = []
+        self.rows: list[Completion] = []
+        for prompt, ids in zip(req["prompts"], req["encoded"]):
+            for i in range(req["n"]):
+                self.choices.append(Choice(tokenizer, prompt, req["stop"], req["echo"], req["logprobs"]))
+                seed = None if req["seed"] is None else req["seed"] + i
+                self.rows.append(Completion(ids, req["max_tokens"], req["temperature"], req["top_k"], req["top_p"],
+                                            seed, req["logprobs"], {eos_token_id} if eos_token_id is not None
+                                            else set(), self._deliverer(loop, len(self.rows))))
+
+    def _deliverer(self, loop: asyncio.AbstractEventLoop, index: int) -> Callable[[tuple], None]:
+        def deliver(event: tuple) -> None:  # called by the model thread
+            loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
+        return deliver
+
+    def payload(self, texts: list[tuple[int, str, str | None]], with_usage: bool) -> dict[str, Any]:
+        """A completion object (or, without usage, a stream chunk) holding `texts`: (choice index, text, finish)."""
+        out = {"id": self.id, "object": "text_completion", "created": int(time.time()), "model": self.served_name,
+               "choices": [{"index": i, "text": t, "logprobs": self.choices[i].logprobs if with_usage else None,
+                            "finish_reason": f} for i, t, f in texts]}
+        if with_usage:
+            prompt_tokens = sum(len(ids) for ids in self.req["encoded"])
+            completion_tokens = sum(len(c.ids) for c in self.choices)
+            out["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                            "total_tokens": prompt_tokens + completion_tokens}
+        return out
+
+    async def finished_events(self):
+        """(choice index, "token" or "end") as the model thread hands them over, until every choice has ended.
+        A stop string ends a choice here; its row is then cancelled and leaves the batch at the next step."""
+        done = 0
+        while done < len(self.rows):
+            index, event = await self.events.get()
+            choice = self.choices[index]
+            if choice.finish_reason is not None:  # tokens the row made before it saw its cancellation
+                continue
+            if event[0] == "token" and choice.add(*event[1:]):
+                yield index, "token"
+                continue
+            if event[0] == "token":
+                self.rows[index].cancelled = True
+            else:
+                choice.finish_reason = event[1]
+            done += 1
+            yield index, "end"
+
+    def cancel(self) -> None:
+        """Free every row of the request at the scheduler's next step."""
+        for row in self.rows:
+            row.cancelled = True
+
+    async def whole(self, request):
+        """The whole completion once every choice has ended; 499 (and the rows freed) if the client went away."""
+        from starlette.responses import JSONResponse
+
+        try:
+            async for _ in self.finished_events():
+                if await request.is_disconnected():
+                    self.cancel()
+                    return JSONResponse({}, status_code=499)
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        for c in self.choices:
+            c.text = c.prefix + c.text
+        return JSONResponse(self.payload([(i, c.text, c.finish_reason) for i, c in enumerate(self.choices)], True))
+
+    async def stream(self):
+        """Server-sent events: each choice's echoed prompt, its text as it comes, the finish reason, [DONE]."""
+        try:
+            for i, c in enumerate(self.choices):
+                if c.prefix:
+                    yield f"data: {json.dumps(self.payload([(i, c.prefix, None)], False))}\n\n"
+            async for index, kind in self.finished_events():
+                c = self.choices[index]
+                piece = c.new_text()
+                if piece or kind == "end":
+                    chunk = self.payload([(index, piece, c.finish_reason if kind == "end" else None)], False)
+                    yield f"data: {json.dumps(chunk)}\n\n"
+            if self.req["include_usage"]:  # OpenAI's stream_options: one last chunk with no choices and the usage
+                yield f"data: {json.dumps(self.payload([], True))}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            self.cancel()  # a client that went away frees its rows at the next step
+
+
 def create_app(model: nn.Module, tokenizer, served_name: str, *, max_batch: int = 8, api_key: str | None = None,
                eos_token_id: int | None = None):
     """The Starlette application serving `model` (already loaded) under the name `served_name`."""
@@ -449,93 +544,12 @@ def create_app(model: nn.Module, tokenizer, served_name: str, *, max_batch: int 
                                            scheduler.max_batch)
         except RequestError as e:
             return error(e)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        choices, rows = [], []
-        for p, (prompt, ids) in enumerate(zip(req["prompts"], req["encoded"])):
-            for i in range(req["n"]):
-                index = len(choices)
-                choice = Choice(tokenizer, prompt, req["stop"], req["echo"], req["logprobs"])
-                choices.append(choice)
-
-                def deliver(event, index=index):  # called by the model thread
-                    loop.call_soon_threadsafe(events.put_nowait, (index, event))
-
-                seed = None if req["seed"] is None else req["seed"] + i
-                rows.append(Completion(ids, req["max_tokens"], req["temperature"], req["top_k"], req["top_p"], seed,
-                                       req["logprobs"], {eos_token_id} if eos_token_id is not None else set(),
-                                       deliver))
-        for row in rows:
+        run = InFlight(req, tokenizer, served_name, eos_token_id)
+        for row in run.rows:
             scheduler.submit(row)
-        completion_id = f"cmpl-{uuid.uuid4().hex}"
-        usage = {"prompt_tokens": sum(len(ids) for ids in req["encoded"])}
-
-        def payload(texts: list[tuple[int, str, str | None]], with_usage: bool) -> dict:
-            out = {"id": completion_id, "object": "text_completion", "created": int(time.time()),
-                   "model": served_name,
-                   "choices": [{"index": i, "text": t, "logprobs": choices[i].logprobs if with_usage else None,
-                                "finish_reason": f} for i, t, f in texts]}
-            if with_usage:
-                completion_tokens = sum(len(c.ids) for c in choices)
-                out["usage"] = {**usage, "completion_tokens": completion_tokens,
-                                "total_tokens": usage["prompt_tokens"] + completion_tokens}
-            return out
-
-        async def finished_events():
-            """(choice index, "token" or "end") as the model thread hands them over, until every choice has ended.
-            A stop string ends a choice here; its row is then cancelled and leaves the batch at the next step."""
-            done = 0
-            while done < len(rows):
-                index, event = await events.get()
-                choice = choices[index]
-                if choice.finish_reason is not None:  # tokens the row made before it saw its cancellation
-                    continue
-                if event[0] == "token" and choice.add(*event[1:]):
-                    yield index, "token"
-                    continue
-                if event[0] == "token":
-                    rows[index].cancelled = True
-                else:
-                    choice.finish_reason = event[1]
-                done += 1
-                yield index, "end"
-
-        def cancel() -> None:
-            for row in rows:
-                row.cancelled = True
-
-        if not req["stream"]:
-            try:
-                async for _ in finished_events():
-                    if await request.is_disconnected():
-                        cancel()
-                        return JSONResponse({}, status_code=499)
-            except asyncio.CancelledError:
-                cancel()
-                raise
-            for c in choices:
-                c.text = c.prefix + c.text
-            return JSONResponse(payload([(i, c.text, c.finish_reason) for i, c in enumerate(choices)], True))
-
-        async def stream():
-            try:
-                for i, c in enumerate(choices):
-                    if c.prefix:
-                        yield f"data: {json.dumps(payload([(i, c.prefix, None)], False))}\n\n"
-                async for index, kind in finished_events():
-                    c = choices[index]
-                    piece = c.new_text()
-                    if piece or kind == "end":
-                        chunk = payload([(index, piece, c.finish_reason if kind == "end" else None)], False)
-                        yield f"data: {json.dumps(chunk)}\n\n"
-                if req["include_usage"]:  # OpenAI's stream_options: one last chunk with no choices and the usage
-                    final = payload([], True)
-                    yield f"data: {json.dumps(final)}\n\n"
-                yield "data: [DONE]\n\n"
-            finally:
-                cancel()  # a client that went away frees its rows at the next step
-
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        if req["stream"]:
+            return StreamingResponse(run.stream(), media_type="text/event-stream")
+        return await run.whole(request)
 
     async def on_startup() -> None:
         scheduler.start()
