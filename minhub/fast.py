@@ -78,8 +78,7 @@ def prepack(model: nn.Module, dtype: torch.dtype = torch.bfloat16, batch_size: i
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise ValueError("prepack is for CPU inference: move the model with model.cpu() first, or on a GPU simply "
                          "use model.to(torch.bfloat16)")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    generation.check_int("batch_size", batch_size, 1)
     return _replace_linears(model, lambda linear: PackedLinear(linear, dtype, batch_size), dtype)
 
 

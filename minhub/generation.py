@@ -55,6 +55,19 @@ def decode_step(model: nn.Module) -> Callable[..., torch.Tensor]:
     return _decode_steps.get(net, net)
 
 
+def check_int(name: str, value: object, low: int, high: int | None = None, *, high_name: str | None = None,
+              hint: str = "") -> None:
+    """Raise ValueError unless `value` is an int (a bool is not) in [low, high] (high None: no bound), naming `name`,
+    the range (high_name: how to call `high`) and `hint` (another value that is allowed)."""
+    if isinstance(value, int) and not isinstance(value, bool) and low <= value and (high is None or value <= high):
+        return
+    if high is not None:
+        what = f"an integer in [{low}, {high_name + '=' if high_name else ''}{high}]"
+    else:
+        what = "a positive integer" if low == 1 else f"an integer >= {low}"
+    raise ValueError(f"{name} must be {what}{f', {hint};' if hint else ','} got {value!r}")
+
+
 def check_token_ids(idx: torch.Tensor, vocab_size: int, context: int) -> None:
     """Raise a readable error for token ids the model cannot take (wrong shape or dtype, out of range, too long)."""
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype not in (torch.long, torch.int):
@@ -80,8 +93,8 @@ def check_sampling_args(temperature: float, top_k: int | None, top_p: float | No
     """Raise ValueError for sampling settings that make no sense."""
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
-        raise ValueError(f"top_k must be a positive integer, or None for no top-k filtering; got {top_k!r}")
+    if top_k is not None:
+        check_int("top_k", top_k, 1, hint="or None for no top-k filtering")
     if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1], or None for no nucleus filtering; got {top_p!r}")
 
@@ -145,8 +158,7 @@ def generate_stream(
     net, n_ctx, vocab_size = _network(model)
     check_token_ids(idx, vocab_size, n_ctx)
     check_sampling_args(temperature, top_k, top_p)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    check_int("max_new_tokens", max_new_tokens, 0)
     if not isinstance(window_shift, int) or not 1 <= window_shift < n_ctx:
         raise ValueError(f"window_shift must be in [1, n_positions={n_ctx}), got {window_shift}")
     eos = None

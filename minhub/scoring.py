@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from minhub.generation import _network
+from minhub.generation import _network, check_int
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,8 @@ def check_scoring_args(n_tokens: int, context: int, max_length: int | None, stri
     if isinstance(max_length, bool) or not isinstance(max_length, int) or not 2 <= max_length <= context:
         raise ValueError(f"max_length must be an integer in [2, {context}] (the model's context), got {max_length!r}")
     stride = max(1, max_length // 2) if stride is None else stride
-    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= max_length:
-        raise ValueError(f"stride must be an integer in [1, max_length={max_length}], got {stride!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int("stride", stride, 1, max_length, high_name="max_length")
+    check_int("batch_size", batch_size, 1)
     return max_length, stride
 
 

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from minhub.generation import _network, check_sampling_args, sample_next_token
+from minhub.generation import _network, check_int, check_sampling_args, sample_next_token
 from minhub.gpt2 import GPT2
 
 
@@ -579,8 +579,7 @@ def build_app(model_id: str, revision: str | None = None, *, max_batch: int = 8,
     from minhub import hardware, hub
     from minhub.tokenizer import tokenizer_from_pretrained
 
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-        raise ValueError(f"--max-batch must be a positive integer, got {max_batch!r}")
+    check_int("--max-batch", max_batch, 1)
     hardware.check_device(device)
     torch_dtype = getattr(torch, dtype)
     model = hub.from_pretrained(model_id, revision, dtype=torch_dtype, device=device)
