@@ -46,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minhub import hardware
+from minhub.files import write_atomically
 
 log = logging.getLogger("minhub")
 
@@ -177,13 +178,6 @@ def _cached_or_measured(key: str) -> MatmulPlan:
                     "MINHUB_CACHE at a writable directory", e)
     log.warning("minhub: %s", measured.describe())
     return measured
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to `path` whole or not at all, whatever another process writes there at the same time."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")  # another process may be writing the same file
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from minhub import hardware, matmul
+from minhub.files import write_atomically
 from minhub.gpt2 import GPT2
 
 log = logging.getLogger("minhub")
@@ -171,7 +172,7 @@ def _load_or_build(net: GPT2, key: str) -> tuple[object, list[str]] | str:
         log.warning("minhub: could not compile the decode step (%s); decoding eagerly. Delete %s to try again",
                     reason, failed)
         try:
-            matmul.write_atomically(failed, reason.encode())
+            write_atomically(failed, reason.encode())
         except OSError:
             pass
         return reason

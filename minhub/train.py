@@ -5,8 +5,10 @@ The run directory ends up holding what `gpt2_from_pretrained` / `GPT4.from_pretr
 model.safetensors, tokenizer.json), plus `train_state.pt` (model, optimizer, step, random states) for `--resume`,
 `log.jsonl` (train/val loss every eval) and the tokenized data (`train.bin`, `val.bin`, `data.json`).
 
-Reading order: TrainConfig -> tokenizers -> data (tokenize once into memory-mapped files, sample random blocks)
--> model and optimizer -> learning rate -> checkpoints -> the training loop (`train`).
+Reading order, the order the data flows: TrainConfig -> tokenizers -> data (tokenize once into memory-mapped files,
+sample random blocks) -> model and optimizer -> learning rate -> checkpoints -> processes and devices -> the run,
+in the order `train` (at the end) calls its parts: resolve_config, prepare_run_data, build_run, then run_loop, whose
+every step is optimizer_step, with evaluate, checkpoints and stop requests between steps.
 Under `torchrun --nproc_per_node N` each process trains a DistributedDataParallel replica on its own batches.
 """
 
@@ -20,13 +22,20 @@ import os
 import signal
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from minhub import files
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 
 class TrainError(ValueError):
@@ -84,11 +93,26 @@ class TrainConfig:
     SCRATCH_DEFAULTS = {"block_size": 256, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 100}  # None from scratch
 
 
+def config_from_args(args: Any) -> TrainConfig:
+    """TrainConfig from argparse's namespace (flags are the fields with dashes; None: not given). With --init-from,
+    the base model's fields (TrainConfig.BASE_FIELDS) must not be given."""
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    if given.get("init_from") is not None:
+        clashing = [name for name in TrainConfig.BASE_FIELDS if name in given]
+        if clashing:
+            flags = ", ".join("--" + name.replace("_", "-") for name in clashing)
+            raise TrainError(f"{flags} come from the base model with --init-from: drop them (--block-size, "
+                             "--dropout and the optimisation settings may be set)")
+    elif given.get("revision") is not None:
+        raise TrainError("--revision is the revision of --init-from: give --init-from too")
+    return TrainConfig(**given)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Tokenizers
 
 
-def char_tokenizer(chars: list[str]):
+def char_tokenizer(chars: list[str]) -> Tokenizer:
     """A character-level `tokenizers.Tokenizer`: one id per character, in sorted order. It saves as an ordinary
     tokenizer.json, so generation decodes it like any other; characters it has never seen map to the first one."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -100,7 +124,7 @@ def char_tokenizer(chars: list[str]):
     return tokenizer
 
 
-def load_tokenizer(spec: str, data: Path, chunk_chars: int):
+def load_tokenizer(spec: str, data: Path, chunk_chars: int) -> Tokenizer:
     """'char': built from the characters of `data`; 'gpt2': GPT-2's BPE; else a tokenizer.json, directory or repo."""
     from tokenizers import Tokenizer
 
@@ -120,7 +144,7 @@ def load_tokenizer(spec: str, data: Path, chunk_chars: int):
 # Data: the text is tokenized once into memory-mapped token files; batches are random blocks of them
 
 
-def read_chunks(path: Path, chunk_chars: int):
+def read_chunks(path: Path, chunk_chars: int) -> Iterator[str]:
     """The text of `path` in pieces of about chunk_chars characters, cut after a newline where there is one, so a
     file larger than memory streams through and BPE rarely sees a word cut in two."""
     with open(path, encoding="utf-8") as f:
@@ -162,6 +186,7 @@ def open_tokens(path: Path, dtype: str) -> torch.Tensor:
 
 
 def check_data(config: TrainConfig) -> Path:
+    """config.data as a Path, once it is known to be a non-empty file (and val_fraction to be usable)."""
     data = Path(config.data)
     if not data.is_file():
         raise TrainError(f"data file {data} does not exist: give a UTF-8 text file with --data")
@@ -173,7 +198,7 @@ def check_data(config: TrainConfig) -> Path:
 
 
 def prepare_data(
-    config: TrainConfig, data: Path, out: Path, tokenizer, chunk_chars: int = 1 << 22
+    config: TrainConfig, data: Path, out: Path, tokenizer: Tokenizer, chunk_chars: int = 1 << 22
 ) -> dict[str, Any]:
     """Tokenize config.data into out/train.bin and out/val.bin (the last val_fraction of the tokens), once: a
     matching out/data.json means it is already done. `data` is config.data, checked by check_data. Returns
@@ -205,21 +230,23 @@ def prepare_data(
                          f"each split needs more than block_size={config.block_size}: use a smaller --block-size, "
                          "a larger file, or another --val-fraction")
     itemsize = TOKEN_DTYPES[dtype][0].itemsize
-    with open(all_path, "rb") as src:
+    with open(all_path, "rb") as src:  # the first n_train tokens, then the rest
         for name, count in (("train.bin", n_train), ("val.bin", n_val)):
-            tmp = out / (name + ".tmp")
-            with open(tmp, "wb") as dst:
-                remaining = count * itemsize
-                while remaining:
-                    piece = src.read(min(remaining, 1 << 24))
-                    dst.write(piece)
-                    remaining -= len(piece)
-            os.replace(tmp, out / name)
+            files.save_atomically(out, [name], partial(_copy_bytes, src, name, count * itemsize))
     del tokens
     all_path.unlink()
     meta.update(train_tokens=n_train, val_tokens=n_val)
-    atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+    files.write_atomically(meta_path, (json.dumps(meta, indent=2) + "\n").encode())  # last: it says all is done
     return meta
+
+
+def _copy_bytes(src: BinaryIO, name: str, count: int, directory: Path) -> None:
+    """Copy the next `count` bytes of the open file `src` into directory/name, 16 MiB at a time."""
+    with open(directory / name, "wb") as dst:
+        while count:
+            piece = src.read(min(count, 1 << 24))
+            dst.write(piece)
+            count -= len(piece)
 
 
 class Batches:
@@ -241,7 +268,7 @@ class Batches:
 # Model, optimizer, learning rate
 
 
-def load_base(config: TrainConfig):
+def load_base(config: TrainConfig) -> tuple[nn.Module, Tokenizer]:
     """The pretrained GPT-2 that --init-from names, and its tokenizer (from the same commit); a TrainError that
     says why when it cannot be loaded. Nothing is written."""
     from minhub import hub
@@ -289,6 +316,7 @@ def fine_tune_model(base_config, state_dict: dict[str, torch.Tensor], config: Tr
 
 
 def build_model(config: TrainConfig, vocab_size: int) -> nn.Module:
+    """A new, randomly initialised model of config's kind and shape."""
     if config.model == "gpt2":
         from minhub.gpt2 import GPT2, GPT2Config
 
@@ -326,27 +354,17 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Checkpoints: every file is written to a temporary name and renamed over the old one, so a crash never leaves a
-# half-written file in place of a good one
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+# Checkpoints: every file is written whole or not at all (minhub.files), so a crash never leaves a half-written file
+# in place of a good one
 
 
 def save_checkpoint(out: Path, model: nn.Module, optimizer, scaler, step: int, batches: Batches,
                     config: TrainConfig, best_val: float) -> None:
     """The loadable model (config.json + model.safetensors) first, then train_state.pt, which alone is enough to
     resume: if a crash falls between the two, --resume continues from the previous, complete state."""
-    tmp = out / ".tmp-checkpoint"
-    tmp.mkdir(exist_ok=True)
     from minhub.hub import save_pretrained
 
-    save_pretrained(model, tmp)
-    for name in ("model.safetensors", "config.json"):
-        os.replace(tmp / name, out / name)
+    files.save_atomically(out, ["model.safetensors", "config.json"], partial(save_pretrained, model))
     state = {
         "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "best_val": best_val,
         "scaler": scaler.state_dict(),
@@ -354,9 +372,7 @@ def save_checkpoint(out: Path, model: nn.Module, optimizer, scaler, step: int, b
     }
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    torch.save(state, tmp / "train_state.pt")
-    os.replace(tmp / "train_state.pt", out / "train_state.pt")
-    tmp.rmdir()
+    files.save_atomically(out, ["train_state.pt"], lambda staging: torch.save(state, staging / "train_state.pt"))
 
 
 def check_run_directory(out: Path, config: TrainConfig) -> dict | None:
@@ -382,41 +398,7 @@ def check_run_directory(out: Path, config: TrainConfig) -> dict | None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The training loop
-
-
-class StopRequest:
-    """The signal handler for SIGTERM and SIGINT (Ctrl-C) during training.
-
-    The first signal only asks the loop to stop: it finishes the step it is in (eval and save included) and saves
-    that step, so the checkpoint never mixes two steps' state. A second signal stops at once, wherever the loop is;
-    every file is written atomically, so the last complete checkpoint survives that too.
-    """
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-
-    def __call__(self, signum: int, frame) -> None:
-        if self.signal_name is not None:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping at once")
-        self.signal_name = signal.Signals(signum).name
-
-    def install(self) -> dict:
-        """Handle SIGTERM and SIGINT from now on (main thread only); return the handlers to put back."""
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        return {signum: signal.signal(signum, self) for signum in (signal.SIGTERM, signal.SIGINT)}
-
-
-def _stop_everywhere(stop: StopRequest, world: int, device: torch.device) -> bool:
-    """Whether any process was asked to stop: all DDP processes must leave the loop at the same step."""
-    if world == 1:
-        return stop.signal_name is not None
-    import torch.distributed as dist
-
-    flag = torch.tensor([stop.signal_name is not None], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+# Processes and devices
 
 
 def _setup_distributed() -> tuple[int, int, int]:
@@ -456,6 +438,171 @@ def _autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | 
     return getattr(torch, config.dtype)
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# The run, in the order `train` does it: the config, the data, the state (model, optimizer, batches), then the loop
+# of optimizer steps with its evaluations, checkpoints and stop requests
+
+
+def resolve_config(
+    config: TrainConfig, out: Path
+) -> tuple[TrainConfig, dict | None, nn.Module | None, Tokenizer | None]:
+    """The run's complete, checked config, and its directory `out`, created: nothing else is written yet.
+
+    A new run fills the fields left None (from the base model with --init-from, which is loaded first: a bad base
+    leaves no trace) and may not overwrite another run. A resumed run is its saved config, except how long and where
+    to go on. Returns (config, the saved train state, the base model, its tokenizer), each None where not used."""
+    base = base_tokenizer = resumed = None
+    if config.resume:  # the run's own settings, except how long and where to go on
+        resumed = check_run_directory(out, config)
+        keep = ("max_steps", "eval_every", "eval_steps", "save_every", "device", "resume", "compile")
+        config = TrainConfig(**{**resumed["config"], **{k: getattr(config, k) for k in keep}})
+    else:
+        if config.init_from is not None:
+            base, base_tokenizer = load_base(config)  # before anything is written: a bad base leaves no trace
+        config = with_defaults(config, base)
+        check_run_directory(out, config)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("batch_size", "grad_accum", "max_steps", "block_size", "eval_every", "eval_steps"):
+        if getattr(config, name) <= 0:
+            raise TrainError(f"{name} must be positive, got {getattr(config, name)}")
+    return config, resumed, base, base_tokenizer
+
+
+def prepare_run_data(config: TrainConfig, out: Path, main_process: bool, world: int, base_tokenizer: Tokenizer | None,
+                     resumed: dict | None) -> dict[str, Any]:
+    """The run's tokenizer.json (kept when resuming), token files and run.json: rank 0 writes them while the other
+    processes wait. Returns data.json's contents."""
+    tokenizer_path = out / "tokenizer.json"
+    if main_process:
+        data = check_data(config)
+        if resumed is None or not tokenizer_path.is_file():
+            tokenizer = base_tokenizer or load_tokenizer(config.tokenizer, data, 1 << 22)
+            files.save_atomically(out, ["tokenizer.json"], lambda d: tokenizer.save(str(d / "tokenizer.json")))
+        from tokenizers import Tokenizer
+
+        prepare_data(config, data, out, Tokenizer.from_file(str(tokenizer_path)))
+        model_fields = {k: getattr(config, k) for k in TrainConfig.MODEL_FIELDS}  # what a later run must match
+        files.write_atomically(out / "run.json", (json.dumps(model_fields, indent=2) + "\n").encode())
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return json.loads((out / "data.json").read_text())
+
+
+@dataclass
+class Run:
+    """What the loop works with, and how far it has come: build_run makes it, run_loop advances it."""
+
+    config: TrainConfig
+    out: Path  # the run directory, as given (a resumed config keeps the `out` it was first trained in)
+    main_process: bool  # rank 0, the one process that prints and writes files
+    world: int  # how many processes train together
+    device: torch.device
+    model: nn.Module  # what a step calls: raw_model, compiled with --compile, wrapped in DDP under torchrun
+    raw_model: nn.Module  # the module that owns the parameters: what is evaluated, clipped and saved
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # loss scaling for fp16 autocast; a no-op otherwise
+    autocast: Callable[[], Any]  # a new autocast context (or nullcontext) per forward pass
+    batches: Batches  # this process's training batches
+    eval_batches: dict[str, Batches]  # "train" and "val": the same batches at every evaluation
+    step: int = 0  # optimizer steps done
+    best_val: float = float("inf")
+    saved_step: int | None = None  # the step train_state.pt holds, when known: a stop request saves only if it differs
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens in one optimizer step, over every micro-batch and process."""
+        return self.config.batch_size * self.config.block_size * self.config.grad_accum * self.world
+
+    def save(self) -> None:
+        """A checkpoint of this step (rank 0 only): the loadable model, then train_state.pt."""
+        save_checkpoint(self.out, self.raw_model, self.optimizer, self.scaler, self.step, self.batches, self.config,
+                        self.best_val)
+        self.saved_step = self.step
+
+
+def initial_model(config: TrainConfig, out: Path, vocab_size: int, base: nn.Module | None,
+                  resumed: dict | None) -> nn.Module:
+    """The model before its first step here: fresh (build_model), the base's weights (--init-from), or, resuming a
+    fine-tune, the shape of the run's own config.json (its weights come from train_state.pt)."""
+    if config.init_from is None:
+        return build_model(config, vocab_size)
+    if base is not None:
+        return fine_tune_model(base.config, base.state_dict(), config)
+    from minhub.gpt2 import GPT2Config
+
+    run_config = GPT2Config.from_dict(json.loads((out / "config.json").read_text()))
+    return fine_tune_model(run_config, resumed["model"], config)
+
+
+def build_run(config: TrainConfig, out: Path, meta: dict[str, Any], base: nn.Module | None, resumed: dict | None,
+              rank: int, local_rank: int, world: int, device: torch.device) -> Run:
+    """Batches, model, optimizer and loss scaler: new, or exactly as train_state.pt left them (weights, optimizer
+    moments, step, and every random state the next steps draw from). Rank 0 prints what is trained on what."""
+    from tqdm import tqdm
+
+    batches = Batches(out / "train.bin", meta["dtype"], config.block_size, config.batch_size,
+                      config.seed + 1000 * rank, device)  # each process its own batches
+    eval_batches = {"train": Batches(out / "train.bin", meta["dtype"], config.block_size, config.batch_size,
+                                     config.seed + 1, device),
+                    "val": Batches(out / "val.bin", meta["dtype"], config.block_size, config.batch_size,
+                                   config.seed + 2, device)}
+    model = initial_model(config, out, meta["vocab_size"], base, resumed).to(device)
+    optimizer = build_optimizer(model, config, fused=device.type == "cuda")
+    step, best_val = 0, float("inf")
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        step, best_val = resumed["step"], resumed["best_val"]
+        torch.set_rng_state(resumed["rng"])  # dropout continues where it was
+        batches.generator.set_state(resumed["batch_rng"])  # and so do the batches
+        if "cuda_rng" in resumed and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(resumed["cuda_rng"])
+    raw_model = model
+    if config.compile:
+        model = torch.compile(model)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    amp = _autocast_dtype(config, device)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    if resumed is not None and resumed.get("scaler"):
+        scaler.load_state_dict(resumed["scaler"])
+    if rank == 0:
+        n_params = sum(p.numel() for p in raw_model.parameters())
+        tqdm.write(f"{config.model}: {n_params / 1e6:.2f}M parameters, vocabulary {meta['vocab_size']}, "
+                   f"{meta['train_tokens']:,} training tokens, {world} process(es) on {device}"
+                   + (f", autocast {amp}" if amp else ""))
+    return Run(config, out, rank == 0, world, device, model, raw_model, optimizer, scaler, autocast, batches,
+               eval_batches, step, best_val, saved_step=step if resumed is not None else None)
+
+
+def optimizer_step(run: Run, lr: float) -> float:
+    """One optimizer step at learning rate `lr`: grad_accum micro-batches whose gradients add up (DDP all-reduces
+    only the last one's), clipping, then AdamW. Returns the step's loss, the mean over its micro-batches."""
+    config, world, model, optimizer, scaler = run.config, run.world, run.model, run.optimizer, run.scaler
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = 0.0
+    for micro in range(config.grad_accum):
+        x, y = run.batches.next()
+        sync = world == 1 or micro == config.grad_accum - 1  # DDP: all-reduce gradients once per step
+        with (nullcontext() if sync else model.no_sync()), run.autocast():
+            loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()) / config.grad_accum
+            scaler.scale(loss).backward()
+        loss_sum += loss.item()
+    if config.grad_clip > 0:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+        nn.utils.clip_grad_norm_(run.raw_model.parameters(), config.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum
+
+
 @torch.no_grad()
 def estimate_loss(model: nn.Module, batches: dict[str, Batches], steps: int, autocast, seed: int) -> dict[str, float]:
     """Mean loss over `steps` batches of each split; the same batches every time, so evaluations compare."""
@@ -473,6 +620,103 @@ def estimate_loss(model: nn.Module, batches: dict[str, Batches], steps: int, aut
     return out
 
 
+def evaluate(run: Run, lr: float) -> dict[str, Any]:
+    """Both splits' loss at this step; rank 0 prints it and appends it to log.jsonl. Returns the
+    {"step", "train_loss", "val_loss"} that train returns when this is the last evaluation."""
+    from tqdm import tqdm
+
+    losses = estimate_loss(run.raw_model, run.eval_batches, run.config.eval_steps, run.autocast, run.config.seed)
+    run.best_val = min(run.best_val, losses["val"])
+    last = {"step": run.step, "train_loss": losses["train"], "val_loss": losses["val"]}
+    if run.main_process:
+        tqdm.write(f"step {run.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        with open(run.out / "log.jsonl", "a") as f:
+            f.write(json.dumps({**last, "lr": lr, "tokens": run.step * run.tokens_per_step, "time": time.time()})
+                    + "\n")
+    return last
+
+
+class StopRequest:
+    """The signal handler for SIGTERM and SIGINT (Ctrl-C) during training.
+
+    The first signal only asks the loop to stop: it finishes the step it is in (eval and save included) and saves
+    that step, so the checkpoint never mixes two steps' state. A second signal stops at once, wherever the loop is;
+    every file is written atomically, so the last complete checkpoint survives that too.
+    """
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    def __call__(self, signum: int, frame) -> None:
+        if self.signal_name is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping at once")
+        self.signal_name = signal.Signals(signum).name
+
+    def install(self) -> dict:
+        """Handle SIGTERM and SIGINT from now on (main thread only); return the handlers to put back."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {signum: signal.signal(signum, self) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _stop_everywhere(stop: StopRequest, world: int, device: torch.device) -> bool:
+    """Whether any process was asked to stop: all DDP processes must leave the loop at the same step."""
+    if world == 1:
+        return stop.signal_name is not None
+    import torch.distributed as dist
+
+    flag = torch.tensor([stop.signal_name is not None], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def run_loop(run: Run, callback: Callable[[int, dict], None] | None) -> dict[str, Any]:
+    """Optimizer steps from run.step to max_steps, evaluating every eval_every steps and saving every save_every
+    (and both at the end); a stop request saves the step it ends and raises KeyboardInterrupt (see StopRequest).
+    Returns the last evaluation."""
+    from tqdm import tqdm
+
+    config = run.config
+    save_every = config.save_every or config.eval_every
+    bar = tqdm(total=config.max_steps, initial=run.step, disable=not run.main_process, dynamic_ncols=True)
+    last = {"step": run.step, "train_loss": None, "val_loss": None}
+    run.model.train()
+    t0 = time.perf_counter()
+    stop = StopRequest()
+    previous_handlers = stop.install()  # `kill`, schedulers and torchrun send SIGTERM first; Ctrl-C sends SIGINT
+    try:
+        while run.step < config.max_steps:
+            if _stop_everywhere(stop, run.world, run.device):  # a step boundary: nothing of the next step has happened
+                if run.main_process:
+                    if run.saved_step != run.step:
+                        run.save()
+                    tqdm.write(f"stopped by {stop.signal_name or 'a signal to another process'} after step "
+                               f"{run.step}, saved in {run.out} (continue with --resume)")
+                raise KeyboardInterrupt(stop.signal_name)
+            lr = learning_rate(run.step, config)
+            loss = optimizer_step(run, lr)
+            run.step += 1
+            elapsed = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{run.tokens_per_step / elapsed:,.0f}")
+            if callback is not None:
+                callback(run.step, {"loss": loss, "lr": lr})
+            if run.step % config.eval_every == 0 or run.step == config.max_steps:
+                last = evaluate(run, lr)
+            if run.main_process and (run.step % save_every == 0 or run.step == config.max_steps):
+                run.save()
+    finally:
+        bar.close()
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
+        if run.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return last
+
+
 def train(config: TrainConfig, callback: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
     """Train as `config` says; return the last {"step", "train_loss", "val_loss"}.
 
@@ -481,170 +725,12 @@ def train(config: TrainConfig, callback: Callable[[int, dict], None] | None = No
     run had never stopped. A second signal stops at once, keeping the last complete checkpoint; a SIGKILL loses at
     most the steps since the last periodic save (--save-every).
     """
-    from contextlib import nullcontext
-
-    from tqdm import tqdm
-
     rank, local_rank, world = _setup_distributed()
-    main_process = rank == 0
-    device = _device(config, local_rank)
+    device = _device(config, local_rank)  # an unusable device is an error before anything is written
     out = Path(config.out)
-    base = base_tokenizer = resumed = None
-    if config.resume:  # the run's own settings, except how long and where to go on
-        resumed = check_run_directory(out, config)
-        keep = ("max_steps", "eval_every", "eval_steps", "save_every", "device", "resume", "compile")
-        config = TrainConfig(**{**resumed["config"], **{k: getattr(config, k) for k in keep}})
-    else:
-        if config.init_from is not None:
-            base, base_tokenizer = load_base(config)  # before anything is written: a bad base leaves no trace
-        config = with_defaults(config, base)
-        check_run_directory(out, config)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("batch_size", "grad_accum", "max_steps", "block_size", "eval_every", "eval_steps"):
-        if getattr(config, name) <= 0:
-            raise TrainError(f"{name} must be positive, got {getattr(config, name)}")
-    torch.manual_seed(config.seed + rank)
-
-    # data: rank 0 tokenizes, the others wait for it
-    tokenizer_path = out / "tokenizer.json"
-    if main_process:
-        data = check_data(config)
-        if resumed is None or not tokenizer_path.is_file():
-            tokenizer = base_tokenizer or load_tokenizer(config.tokenizer, data, 1 << 22)
-            tokenizer.save(str(tokenizer_path.with_name("tokenizer.json.tmp")))
-            os.replace(tokenizer_path.with_name("tokenizer.json.tmp"), tokenizer_path)
-        from tokenizers import Tokenizer
-
-        meta = prepare_data(config, data, out, Tokenizer.from_file(str(tokenizer_path)))
-        atomic_write_text(out / "run.json", json.dumps({k: getattr(config, k) for k in TrainConfig.MODEL_FIELDS},
-                                                       indent=2) + "\n")
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-    meta = json.loads((out / "data.json").read_text())
-    vocab_size = meta["vocab_size"]
-    batches = Batches(out / "train.bin", meta["dtype"], config.block_size, config.batch_size,
-                      config.seed + 1000 * rank, device)
-    eval_batches = {"train": Batches(out / "train.bin", meta["dtype"], config.block_size, config.batch_size,
-                                     config.seed + 1, device),
-                    "val": Batches(out / "val.bin", meta["dtype"], config.block_size, config.batch_size,
-                                   config.seed + 2, device)}
-
-    if config.init_from is None:
-        model = build_model(config, vocab_size)
-    elif base is not None:
-        model = fine_tune_model(base.config, base.state_dict(), config)
-        del base
-    else:  # resuming a fine-tune: the shape is the run's own config.json, the weights come from train_state.pt
-        from minhub.gpt2 import GPT2Config
-
-        run_config = GPT2Config.from_dict(json.loads((out / "config.json").read_text()))
-        model = fine_tune_model(run_config, resumed["model"], config)
-    model = model.to(device)
-    optimizer = build_optimizer(model, config, fused=device.type == "cuda")
-    step, best_val = 0, float("inf")
-    if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        step, best_val = resumed["step"], resumed["best_val"]
-        torch.set_rng_state(resumed["rng"])
-        batches.generator.set_state(resumed["batch_rng"])
-        if "cuda_rng" in resumed and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(resumed["cuda_rng"])
-    raw_model = model
-    if config.compile:
-        model = torch.compile(model)
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    amp = _autocast_dtype(config, device)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    if resumed is not None and resumed.get("scaler"):
-        scaler.load_state_dict(resumed["scaler"])
-    log_path = out / "log.jsonl"
-    save_every = config.save_every or config.eval_every
-    tokens_per_step = config.batch_size * config.block_size * config.grad_accum * world
-    if main_process:
-        n_params = sum(p.numel() for p in raw_model.parameters())
-        tqdm.write(f"{config.model}: {n_params / 1e6:.2f}M parameters, vocabulary {vocab_size}, "
-                   f"{meta['train_tokens']:,} training tokens, {world} process(es) on {device}"
-                   + (f", autocast {amp}" if amp else ""))
-    bar = tqdm(total=config.max_steps, initial=step, disable=not main_process, dynamic_ncols=True)
-    last = {"step": step, "train_loss": None, "val_loss": None}
-    model.train()
-    t0 = time.perf_counter()
-    stop = StopRequest()
-    previous_handlers = stop.install()  # `kill`, schedulers and torchrun send SIGTERM first; Ctrl-C sends SIGINT
-    saved_step = step if resumed is not None else None
-    try:
-        while step < config.max_steps:
-            if _stop_everywhere(stop, world, device):  # a step boundary: nothing of the next step has happened
-                if main_process:
-                    if saved_step != step:
-                        save_checkpoint(out, raw_model, optimizer, scaler, step, batches, config, best_val)
-                    tqdm.write(f"stopped by {stop.signal_name or 'a signal to another process'} after step {step}, "
-                               f"saved in {out} (continue with --resume)")
-                raise KeyboardInterrupt(stop.signal_name)
-            lr = learning_rate(step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = 0.0
-            for micro in range(config.grad_accum):
-                x, y = batches.next()
-                sync = world == 1 or micro == config.grad_accum - 1  # DDP: all-reduce gradients once per step
-                with (nullcontext() if sync else model.no_sync()), autocast():
-                    loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()) / config.grad_accum
-                    scaler.scale(loss).backward()
-                loss_sum += loss.item()
-            if config.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            elapsed = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
-            if callback is not None:
-                callback(step, {"loss": loss_sum, "lr": lr})
-            if step % config.eval_every == 0 or step == config.max_steps:
-                losses = estimate_loss(raw_model, eval_batches, config.eval_steps, autocast, config.seed)
-                best_val = min(best_val, losses["val"])
-                last = {"step": step, "train_loss": losses["train"], "val_loss": losses["val"]}
-                if main_process:
-                    tqdm.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps({**last, "lr": lr, "tokens": step * tokens_per_step,
-                                            "time": time.time()}) + "\n")
-            if main_process and (step % save_every == 0 or step == config.max_steps):
-                save_checkpoint(out, raw_model, optimizer, scaler, step, batches, config, best_val)
-                saved_step = step
-    finally:
-        bar.close()
-        for signum, handler in previous_handlers.items():
-            signal.signal(signum, handler)
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-    return last
-
-
-def config_from_args(args: Any) -> TrainConfig:
-    """TrainConfig from argparse's namespace (flags are the fields with dashes; None: not given). With --init-from,
-    the base model's fields (TrainConfig.BASE_FIELDS) must not be given."""
-    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
-    if given.get("init_from") is not None:
-        clashing = [name for name in TrainConfig.BASE_FIELDS if name in given]
-        if clashing:
-            flags = ", ".join("--" + name.replace("_", "-") for name in clashing)
-            raise TrainError(f"{flags} come from the base model with --init-from: drop them (--block-size, "
-                             "--dropout and the optimisation settings may be set)")
-    elif given.get("revision") is not None:
-        raise TrainError("--revision is the revision of --init-from: give --init-from too")
-    return TrainConfig(**given)
+    config, resumed, base, base_tokenizer = resolve_config(config, out)
+    torch.manual_seed(config.seed + rank)  # the initial weights and dropout (DDP broadcasts rank 0's weights)
+    meta = prepare_run_data(config, out, rank == 0, world, base_tokenizer, resumed)
+    run = build_run(config, out, meta, base, resumed, rank, local_rank, world, device)
+    del base, base_tokenizer  # the model has the base's weights now: keep no second copy while training
+    return run_loop(run, callback)

@@ -188,9 +188,9 @@ def test_defaults_build_on_meta_with_x_transformers_parameter_count():
 
 
 def test_documented_example_computes_what_x_transformers_computes():
-    """The documented call (docs/gpt4.md) at a small size builds x-transformers' architecture: with its weights loaded (strict), the
-    logits, the loss and the gradient of the QK-norm gains equal x-transformers' (TransformerWrapper and
-    AutoregressiveWrapper) on the same tokens."""
+    """The documented call (docs/gpt4.md) at a small size builds x-transformers' architecture: with its weights
+    loaded (strict), the logits, the loss and the gradient of the QK-norm gains equal x-transformers'
+    (TransformerWrapper and AutoregressiveWrapper) on the same tokens."""
     options = dict(num_tokens=50432, max_seq_len=64, dim=64, depth=2, dim_head=32, heads=4, alibi_num_heads=2)
     model = GPT4(**options)
     ref, _ = reference(**options)
