@@ -39,6 +39,15 @@ PLANS = {
 PER_LAYER = ("minhub + onednn", "blas one row + minhub few rows", "blas")
 
 
+def fake_cpu(monkeypatch, **changes) -> None:
+    """Make every fast path see this CPU with `changes` until the test ends (e.g. onednn_bf16=False, as on AVX2-only
+    CPUs; cxx=None, as without a compiler): the branch a CPU without the feature takes, tested on any CPU."""
+    import dataclasses
+
+    fake = dataclasses.replace(CPU, **changes)
+    monkeypatch.setattr(hardware, "cpu_info", lambda: fake)
+
+
 def library() -> tuple[str, str]:
     """The session's minhub::linear (built by the plan's measurement where a compiler exists), loaded: path, sha256."""
     if CPU.cxx is None:

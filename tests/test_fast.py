@@ -9,13 +9,12 @@ reference itself makes in that precision, measured in the test. Tests that need 
 feature's name; the behaviour without it is tested everywhere by replacing the capability probe
 (minhub.hardware.cpu_info) with one that lacks the feature."""
 
-import dataclasses
 
 import pytest
 import torch
 from helpers import hf_gpt2, save_checkpoint
-from plans import (assert_close_in_bf16, bf16_reference, dequantized_reference, force, kernels_in, per_layer,
-                   transformers_greedy)
+from plans import (assert_close_in_bf16, bf16_reference, dequantized_reference, fake_cpu, force, kernels_in,
+                   per_layer, transformers_greedy)
 
 from minhub import generate, generation, gpt2_from_pretrained, hardware, matmul, pad_left
 from minhub.fast import Int8Linear, PackedLinear, compile_decode, prepack, quantize_int8
@@ -26,12 +25,6 @@ needs_onednn_bf16 = pytest.mark.skipif(
     not CPU.onednn_bf16, reason=f"needs oneDNN bf16 kernels (AVX-512 BW/VL/DQ or AVX-NE-CONVERT); {CPU.describe()}")
 needs_compiler = pytest.mark.skipif(not CPU.can_compile, reason=f"inductor needs a C++ compiler; {CPU.describe()}")
 CONFIG = dict(seed=5, n_positions=40, n_layer=3)
-
-
-def fake_cpu(monkeypatch, **changes) -> None:
-    """Make every fast path see this CPU with `changes` (e.g. onednn_bf16=False, as on AVX2-only CPUs)."""
-    fake = dataclasses.replace(CPU, **changes)
-    monkeypatch.setattr(hardware, "cpu_info", lambda: fake)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from plans import fake_cpu
 
 from minhub import gpt2_from_pretrained, hardware
 from minhub.train import TrainConfig, TrainError, train
@@ -45,10 +46,7 @@ def test_train_refuses_a_missing_device_before_writing_anything(tmp_path):
 
 
 def test_train_compile_without_a_compiler_is_a_train_error(tmp_path, monkeypatch):
-    import dataclasses
-
-    fake = dataclasses.replace(hardware.cpu_info(), cxx=None)
-    monkeypatch.setattr(hardware, "cpu_info", lambda: fake)
+    fake_cpu(monkeypatch, cxx=None)
     data = tmp_path / "input.txt"
     data.write_text("hello world\n" * 200)
     with pytest.raises(TrainError, match="--compile needs a C\\+\\+ compiler"):

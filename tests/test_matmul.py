@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 from helpers import hf_gpt2, save_checkpoint
-from plans import PLANS, assert_close_in_bf16, bf16_reference, forced_plan, library
+from plans import PLANS, assert_close_in_bf16, bf16_reference, fake_cpu, forced_plan, library
 
 from minhub import generate, gpt2_from_pretrained, hardware, matmul, pad_left
 from minhub.fast import Int8Linear
@@ -329,11 +329,6 @@ def test_an_unwritable_cache_still_gives_a_plan(tmp_path, monkeypatch, caplog):
     fake_cpu(monkeypatch, cxx=None)
     assert matmul.plan().library is None
     assert "MINHUB_CACHE" in caplog.text
-
-
-def fake_cpu(monkeypatch, **changes) -> None:
-    fake = dataclasses.replace(CPU, **changes)
-    monkeypatch.setattr(hardware, "cpu_info", lambda: fake)
 
 
 def test_without_a_compiler_pytorchs_kernels_are_used(tmp_path, monkeypatch):

@@ -5,7 +5,6 @@ decoding is eager with one warning, remembered.
 The tiny test models are below MIN_WEIGHT_BYTES, so these tests ask for it with MINHUB_DECODE=compiled; every other
 test decodes eagerly (the "auto" setting leaves small models alone)."""
 
-import dataclasses
 import logging
 import os
 import shutil
@@ -17,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from helpers import hf_gpt2, hub_checkpoint, save_checkpoint
-from plans import (assert_close_in_bf16, bf16_reference, dequantized_reference, force, kernels_in, per_layer,
-                   transformers_greedy)
+from plans import (assert_close_in_bf16, bf16_reference, dequantized_reference, fake_cpu, force, kernels_in,
+                   per_layer, transformers_greedy)
 
 from minhub import generate, generation, gpt2_from_pretrained, hardware, matmul, pad_left, precompiled
 from minhub.fast import prepack, quantize_int8
@@ -240,14 +239,15 @@ def test_which_calls_get_a_compiled_step(checkpoint, monkeypatch):
     with pytest.raises(ValueError, match="MINHUB_DECODE='fast': use auto .* eager .* or compiled"):
         step_of(model)
     monkeypatch.setenv("MINHUB_DECODE", "compiled")
-    fake = dataclasses.replace(CPU, cxx=None)
-    monkeypatch.setattr(hardware, "cpu_info", lambda: fake)
+    fake_cpu(monkeypatch, cxx=None)
     with pytest.raises(hardware.CPUFeatureError, match="MINHUB_DECODE=compiled needs a C\\+\\+ compiler"):
         step_of(model)
     monkeypatch.setenv("MINHUB_DECODE", "auto")  # without a compiler, auto decodes eagerly, silently
     assert step_of(model) is None
     prompts, mask = pad_left([[1, 2, 3], [4]], pad_id=0)
-    assert generate(model, prompts, 3, temperature=0, attention_mask=mask).shape == (2, 6)
+    batched = generate(model, prompts, 3, temperature=0, attention_mask=mask)
+    for row, prompt in zip(batched, ([1, 2, 3], [4])):
+        assert torch.equal(row[-3:], transformers_greedy(hf_gpt2(**CONFIG), torch.tensor([prompt]), 3)[0, -3:])
 
 
 @needs_compiler

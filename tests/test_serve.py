@@ -375,15 +375,14 @@ def test_cli_serve_refuses_a_bad_model_or_batch_in_one_line(capsys):
 @pytest.mark.parametrize("onednn", [True, False])
 def test_packing_follows_the_cpu_probe(onednn, monkeypatch):
     """With oneDNN the server packs its fp32 weights once; a PyTorch without it serves the plain model."""
-    import dataclasses
+    from plans import fake_cpu
 
     from minhub import hardware
     from minhub.fast import PackedLinear
 
     if onednn and not hardware.cpu_info().onednn:
         pytest.skip(f"needs a PyTorch built with oneDNN; {hardware.cpu_info().describe()}")
-    fake = dataclasses.replace(hardware.cpu_info(), onednn=onednn)
-    monkeypatch.setattr(hardware, "cpu_info", lambda: fake)
+    fake_cpu(monkeypatch, onednn=onednn)
     hub_checkpoint("tests/serve-probe", hf_gpt2(vocab_size=50257, n_embd=16, n_head=2, bos_token_id=50256,
                                                 eos_token_id=50256), tokenizer=True)
     model = build_app("tests/serve-probe", max_batch=2).state.scheduler.model

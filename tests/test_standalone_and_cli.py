@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import hf_gpt2, hub_checkpoint, save_checkpoint
+from plans import fake_cpu
 
 import minhub
 from minhub import generate, gpt2_from_pretrained, tokenizer_from_pretrained
@@ -175,20 +176,11 @@ def test_gpt4_example_samples_what_the_api_samples():
 # --- what the machine cannot do: one line, exit 2, nothing printed before -----------------------------------------
 
 
-def _fake_cpu(monkeypatch, **changes):
-    import dataclasses
-
-    from minhub import hardware
-
-    fake = dataclasses.replace(hardware.cpu_info(), **changes)
-    monkeypatch.setattr(hardware, "cpu_info", lambda: fake)
-
-
 def test_cli_bfloat16_without_onednn_bf16_takes_the_default_path(gpt2_shaped_repo, capsys, monkeypatch):
     from minhub import matmul
     from minhub.cli import main
 
-    _fake_cpu(monkeypatch, onednn_bf16=False)  # as on AVX2-only CPUs: no packing, the loader's matmul plan instead
+    fake_cpu(monkeypatch, onednn_bf16=False)  # as on AVX2-only CPUs: no packing, the loader's matmul plan instead
     prompt = "The meaning of life is"
     assert main(["generate", gpt2_shaped_repo, prompt, "--dtype", "bfloat16", "--max-new-tokens", "8",
                  "--temperature", "0", "--ignore-eos"]) == 0
@@ -220,7 +212,7 @@ def test_cli_bfloat16_packs_the_weights(gpt2_shaped_repo, capsys):
 def test_cli_compile_without_a_compiler_is_one_line_before_any_output(gpt2_shaped_repo, capsys, monkeypatch):
     from minhub.cli import main
 
-    _fake_cpu(monkeypatch, cxx=None)
+    fake_cpu(monkeypatch, cxx=None)
     assert main(["generate", gpt2_shaped_repo, "hello", "--compile"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith("minhub: --compile needs a C++ compiler")
