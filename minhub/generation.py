@@ -110,7 +110,11 @@ def sample_next_token(
     (exactly the k largest logits), then top-p (the smallest set of those whose probability reaches top_p)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature  # softmax and multinomial in float32, even for half-precision models
+    # softmax and multinomial in float32, even for half-precision models. Logits are taken relative to each row's
+    # largest, which stays 0: a temperature too small for float32 (it rounds to 0) then sends the others to -inf and
+    # leaves the largest, as temperature -> 0 means, instead of making every logit +-inf or NaN
+    shifted = logits.float() - logits.float().amax(-1, keepdim=True)
+    logits = torch.where(shifted == 0, shifted, shifted / temperature)
     candidates = None  # token ids of the columns of `logits`, when they are a subset of the vocabulary
     if top_k is not None and top_k < logits.size(-1):
         logits, candidates = torch.topk(logits, top_k)  # (B, k), sorted descending
@@ -119,6 +123,7 @@ def sample_next_token(
             logits, candidates = torch.sort(logits, descending=True)
         probs = logits.softmax(-1)
         outside = probs.cumsum(-1) - probs >= top_p  # the mass before this token already reaches top_p
+        outside[..., 0] = False  # the most likely token always stays (top_p may round to 0 in float32)
         logits = logits.masked_fill(outside, float("-inf"))
     choice = torch.multinomial(logits.softmax(-1), 1, generator=generator)  # (B, 1)
     return (choice if candidates is None else candidates.gather(-1, choice)).squeeze(-1)

@@ -87,7 +87,8 @@ def parse_completion_request(body: Any, served_name: str, tokenizer, context: in
         raise RequestError("the request body must be a JSON object")
     unknown = sorted(set(body) - KNOWN_FIELDS)
     if unknown:
-        raise RequestError(f"unrecognized request argument(s): {', '.join(unknown)}", param=unknown[0])
+        names = [json.dumps(name)[1:-1] for name in unknown]  # escaped: a name may hold a lone surrogate
+        raise RequestError(f"unrecognized request argument(s): {', '.join(names)}", param=names[0])
     model = body.get("model")
     if model != served_name:
         raise RequestError(f"the model {model!r} does not exist here: this server serves {served_name!r}",
@@ -99,12 +100,19 @@ def parse_completion_request(body: Any, served_name: str, tokenizer, context: in
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise RequestError("'prompt' must be a string or a non-empty list of strings", param="prompt")
+    try:
+        for p in prompts:
+            p.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's \ud800 escapes give lone surrogates, which are no text
+        raise RequestError(f"a prompt is not valid Unicode text ({e.reason} at {e.start})", param="prompt") from e
     max_tokens = _field(body, "max_tokens", (int,), 16)
     temperature = _field(body, "temperature", (int, float), 1.0)
     top_p = _field(body, "top_p", (int, float), 1.0)
     top_k = _field(body, "top_k", (int,), 0)
     seed = _field(body, "seed", (int,), None)
     n = _field(body, "n", (int,), 1)
+    if seed is not None and not -2**63 <= seed <= 2**63 - max(n, 1):  # choice i samples with seed + i
+        raise RequestError(f"'seed' must be in [-2**63, 2**63 - n], got {seed}", param="seed")
     logprobs = _field(body, "logprobs", (int,), None)
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else (stop or [])
@@ -533,8 +541,8 @@ def create_app(model: nn.Module, tokenizer, served_name: str, *, max_batch: int 
             return unauthorised()
         try:
             body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return error(RequestError(f"the request body is not valid JSON: {e}"))
+        except (ValueError, RecursionError) as e:  # also numbers past Python's 4300 digits, nesting past its stack
+            return error(RequestError(f"the request body is not valid JSON: {str(e)[:200]}"))
         if scheduler.failure is not None:
             return JSONResponse({"error": {"message": f"the model thread failed ({scheduler.failure!r}): restart the "
                                            "server", "type": "server_error", "param": None, "code": None}},

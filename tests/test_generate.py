@@ -222,3 +222,16 @@ def test_zero_new_tokens_and_one_dimensional_prompts(pair):
     theirs = ref.generate(idx[:1], attention_mask=torch.ones_like(idx[:1]), max_new_tokens=5, do_sample=False,
                           eos_token_id=None, pad_token_id=0)
     assert one.dim() == 1 and torch.equal(one, theirs[0])
+
+
+@pytest.mark.parametrize("setting", [dict(temperature=1e-300), dict(temperature=1e-45), dict(top_p=1e-46)])
+def test_vanishing_temperature_or_top_p_is_greedy_decoding(pair, setting):
+    """The limit of sampling as temperature -> 0 (or top_p -> 0) is the argmax: transformers' greedy tokens, not a
+    softmax of infinities (float32 rounds such a temperature or top_p to 0)."""
+    ref, model = pair
+    idx = torch.randint(0, 101, (2, 5))
+    theirs = ref.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=10, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    sampled = generate(model, idx, 10, top_k=None, generator=torch.Generator().manual_seed(0),
+                       **{"temperature": 1.0, **setting})
+    assert torch.equal(sampled, theirs)

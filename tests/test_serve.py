@@ -272,11 +272,31 @@ def test_concurrent_clients_get_what_each_gets_alone(server):
     ({"model": MODEL, "prompt": 42}, 400, "'prompt' must be a string"),
     ({"model": MODEL, "prompt": "hi", "frobnicate": 1}, 400, "unrecognized request argument(s): frobnicate"),
     ({"model": "gpt-4", "prompt": "hi"}, 404, "does not exist here"),
+    (b"[" * 100000, 400, "not valid JSON"),  # nesting past Python's recursion limit
+    (b'{"model": "%s", "prompt": "hi", "max_tokens": %s}' % (MODEL.encode(), b"9" * 5000), 400, "not valid JSON"),
+    (b'{"model": "%s", "prompt": "a\\ud800b"}' % MODEL.encode(), 400, "a prompt is not valid Unicode"),
+    (b'{"model": "%s", "prompt": "hi", "\\ud800": 1}' % MODEL.encode(), 400, "unrecognized request argument(s)"),
+    ({"model": MODEL, "prompt": "hi", "seed": 2**64}, 400, "'seed' must be in [-2**63, 2**63 - n]"),
+    ({"model": MODEL, "prompt": "hi", "seed": 2**63 - 1, "n": 2}, 400, "'seed' must be in"),
+    ({"model": MODEL, "prompt": "hi", "seed": -2**63 - 1}, 400, "'seed' must be in"),
 ])
 def test_bad_requests_get_openai_error_bodies(server, body, status, fragment):
+    """Each gets its OpenAI error body before any work, and the next request is served as transformers decodes."""
     code, payload = raw(server, "POST", "/v1/completions", body)
     assert code == status and fragment in payload["error"]["message"]
     assert payload["error"]["type"] == "invalid_request_error"
+    result = client(server).completions.create(model=MODEL, prompt=NO_EOS, max_tokens=5, temperature=0)
+    assert result.choices[0].text == reference_text(NO_EOS, 5)
+
+
+@pytest.mark.parametrize("setting", [{"temperature": 1e-300}, {"temperature": 1e-45}, {"top_p": 1e-300},
+                                     {"top_p": 1e-46}])
+def test_vanishing_temperature_or_top_p_samples_the_greedy_token(server, setting):
+    """As temperature -> 0 (or top_p -> 0) sampling becomes greedy decoding: the reference is transformers' greedy
+    text; the server keeps serving afterwards (such a request once left every later completion failing)."""
+    for _ in range(2):
+        result = client(server).completions.create(model=MODEL, prompt=NO_EOS, max_tokens=8, seed=1, **setting)
+        assert result.choices[0].text == reference_text(NO_EOS, 8)
 
 
 def test_api_key_models_and_health(server):
