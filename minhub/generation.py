@@ -89,9 +89,16 @@ def check_token_ids(idx: torch.Tensor, vocab_size: int, context: int) -> None:
         )
 
 
+def _fits_a_float(x: int | float) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int past float's range (JSON allows 4,300 digits)
+        return False
+
+
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise ValueError for sampling settings that make no sense."""
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+    if not isinstance(temperature, (int, float)) or not _fits_a_float(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
     if top_k is not None:
         check_int("top_k", top_k, 1, hint="or None for no top-k filtering")

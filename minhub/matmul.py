@@ -53,7 +53,7 @@ log = logging.getLogger("minhub")
 FEW_ROWS = 16  # up to this many rows count as decoding; more (a prompt) always go to BLAS
 SOURCE = Path(__file__).with_name("matmul.cpp")
 LIBRARY = "libminhub_matmul.so"
-PLAN_VERSION = 4  # bump when the candidates change: older plans are measured again
+PLAN_VERSION = 5  # bump when the candidates or what a plan records change: older plans are measured again
 DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.int8: "int8"}  # weight dtypes with a choice
 
 
@@ -67,7 +67,7 @@ class MatmulPlan:
     """Which kernel multiplies activations by a weight matrix on this machine, and what was measured."""
 
     kernels: dict[str, str] = field(default_factory=dict)  # choice_name -> "minhub" or "onednn"; absent: "blas"
-    library: str | None = None  # the built minhub::linear, where a choice is "minhub"
+    library: str | None = None  # the built minhub::linear and minhub::attend, where the build succeeded
     library_sha256: str | None = None  # what the library's bytes were when measured: a changed file is rebuilt
     measured_gbs: dict[str, float] = field(default_factory=dict)  # weight bytes read per second, per candidate
     notes: tuple[str, ...] = ()  # why a candidate was not measured
@@ -324,8 +324,9 @@ def measure(library_file: Path, rounds: int = 5) -> MatmulPlan:
     fp32_bytes = sum(s[0] * s[1] * 4 for s in shapes)
     per_dtype = {"float32": 1, "bfloat16": 2, "int8": 4}
     measured = {name: fp32_bytes / per_dtype[name.split()[0]] / t / 1e9 for name, t in seconds.items()}
-    return MatmulPlan(kernels=kernels, library=library if "minhub" in kernels.values() else None,
-                      library_sha256=sha256 if "minhub" in kernels.values() else None,
+    # the library is kept even where no choice is "minhub": minhub::attend is in it, and every process that reads
+    # this plan must load what the measuring one did (a decode step's package key depends on it)
+    return MatmulPlan(kernels=kernels, library=library, library_sha256=sha256,
                       measured_gbs={k: round(v, 2) for k, v in measured.items()}, notes=tuple(notes))
 
 

@@ -87,7 +87,7 @@ def parse_completion_request(body: Any, served_name: str, tokenizer, context: in
         raise RequestError("the request body must be a JSON object")
     unknown = sorted(set(body) - KNOWN_FIELDS)
     if unknown:
-        names = [json.dumps(name)[1:-1] for name in unknown]  # escaped: a name may hold a lone surrogate
+        names = [name.encode("utf-8", "backslashreplace").decode() for name in unknown]  # lone surrogates escaped
         raise RequestError(f"unrecognized request argument(s): {', '.join(names)}", param=names[0])
     model = body.get("model")
     if model != served_name:

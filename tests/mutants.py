@@ -6,7 +6,8 @@ is a hole in the suite. Run from the repository root:
 
 Each defect is applied to a copy of the repository in a temporary directory (the working tree is never touched),
 where `python -m pytest -x` runs the tests named beside it; pytest's exit status says whether they caught it. The
-table it prints ends with the count of defects that survived; the exit status is 1 if any did.
+table it prints ends with the count of defects that survived; the exit status is 1 if any did, or if a run says
+nothing either way (pytest selected no test, could not collect, or ran past TIMEOUT).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 900  # seconds for one defect's tests
 
 
 @dataclass(frozen=True)
@@ -89,8 +91,8 @@ def copy_of_repository(directory: Path) -> Path:
     return directory
 
 
-def run(defect: Defect) -> tuple[bool, float, str]:
-    """(caught, seconds, the last line pytest printed) for one defect."""
+def run(defect: Defect) -> tuple[bool | None, float, str]:
+    """(caught, or None where the run says nothing either way; seconds; the last line pytest printed)."""
     with tempfile.TemporaryDirectory(prefix="minhub-mutant-") as tmp:
         copy = copy_of_repository(Path(tmp))
         path = copy / defect.file
@@ -104,23 +106,31 @@ def run(defect: Defect) -> tuple[bool, float, str]:
         # the copy comes first on sys.path, before any installed minhub: in pytest (python -m puts the working
         # directory there) and in the processes tests start (PYTHONPATH), such as DDP workers
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(copy), os.environ.get("PYTHONPATH")]))}
-        done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *defect.tests],
-                              cwd=copy, capture_output=True, text=True, env=env)
+        try:
+            done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *defect.tests],
+                                  cwd=copy, capture_output=True, text=True, env=env, timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            return None, time.perf_counter() - start, f"no answer in {TIMEOUT} s"
         lines = [line for line in done.stdout.splitlines() if line.strip()]
-        return done.returncode != 0, time.perf_counter() - start, lines[-1] if lines else done.stderr[-200:]
+        last = lines[-1] if lines else done.stderr[-200:]
+        # pytest's 1: tests failed. Anything else (no test selected, a collection error) says nothing of the defect
+        caught = {0: False, 1: True}.get(done.returncode)
+        seconds = time.perf_counter() - start
+        return caught, seconds, last if caught is not None else f"pytest exit {done.returncode}: {last}"
 
 
 def main(argv: list[str]) -> int:
     chosen = [d for d in DEFECTS if not argv or any(a in d.name for a in argv)]
-    survived = 0
+    results = []
     print("| defect | tests | result | seconds |\n|---|---|---|---|")
     for defect in chosen:
         caught, seconds, last = run(defect)
-        survived += not caught
-        result = "caught" if caught else f"**survived** ({last})"
+        results.append(caught)
+        result = {True: "caught", False: f"**survived** ({last})", None: f"**no verdict** ({last})"}[caught]
         print(f"| {defect.name} | `{' '.join(defect.tests)}` | {result} | {seconds:.0f} |", flush=True)
-    print(f"\n{len(chosen) - survived} of {len(chosen)} caught, {survived} survived")
-    return 1 if survived else 0
+    print(f"\n{results.count(True)} of {len(chosen)} caught, {results.count(False)} survived, "
+          f"{results.count(None)} without a verdict")
+    return 0 if all(results) else 1
 
 
 if __name__ == "__main__":

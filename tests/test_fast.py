@@ -195,7 +195,7 @@ def test_int8_linear_is_the_dequantized_weight_times_the_input():
 
 def int8_within_rounding(quantized, reference, idx, forward=None, masked: bool = False):
     """Our int8 logits against transformers with the same dequantized weights: to float32 rounding where the rest
-    of the model stays float32 (minhub::linear), else within 2.5x transformers' own bfloat16 error (PyTorch's int8
+    of the model stays float32 (minhub::linear), else within 3x transformers' own bfloat16 error (PyTorch's int8
     kernel rounds to bfloat16 before and after the scale: 1.2-1.7x measured on an AVX2 EPYC)."""
     dequantized = dequantized_reference(quantized, reference)
     ours = stepwise(forward or quantized, quantized, idx, masked).float()
@@ -203,7 +203,7 @@ def int8_within_rounding(quantized, reference, idx, forward=None, masked: bool =
         with torch.inference_mode():
             assert (ours - dequantized(idx).logits).abs().max().item() <= 1e-4
     else:
-        assert_close_in_bf16(ours, *bf16_reference(dequantized, idx, slack=2.5))
+        assert_close_in_bf16(ours, *bf16_reference(dequantized, idx, slack=3.0))
 
 
 @pytest.mark.parametrize("plan_name", ["minhub", "blas", "minhub one row + onednn"])

@@ -241,7 +241,7 @@ def test_bfloat16_decodes_within_bf16_rounding_of_transformers_bf16(checkpoint, 
     idx = torch.randint(0, VOCAB, (batch, 30))
     with torch.inference_mode():
         ours = stepwise_logits(model, idx)
-    assert_close_in_bf16(ours, *bf16_reference(reference, idx))  # within 1.5x what bf16 costs transformers
+    assert_close_in_bf16(ours, *bf16_reference(reference, idx))  # within 2x what bf16 costs transformers
     planned = model.lm_head.plan.kernel(torch.bfloat16, one_row=batch == 1)
     ops = ops_run(model, idx[:, :1], 30)
     assert ("minhub::linear" in ops) == (planned == "minhub"), ops
@@ -370,7 +370,8 @@ def test_the_plan_takes_the_fastest_measured_kernel_for_every_case(tmp_path, mon
             if f"{name}: {expected}" not in plan.measured_gbs:  # oneDNN is no candidate for bf16 and int8
                 expected = "blas"
             assert plan.kernel(dtype, one_row) == expected, (name, plan.kernels)
-    assert (plan.library is not None) == ("minhub" in plan.kernels.values())
+    # kept whatever the choices: minhub::attend is in it, and every process reading the plan loads it
+    assert plan.library == str(matmul.library_path())
 
 
 def test_this_machines_plan_took_its_fastest_measured_kernels():

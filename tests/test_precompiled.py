@@ -194,8 +194,8 @@ def test_the_compiled_step_runs_each_one_row_kernel_as_transformers_computes(var
                                                                              monkeypatch):
     """Every kernel a plan can pick for one row, inside the compiled step: fp32 and bf16 models whose blocks take
     minhub::linear or PyTorch's kernel (tests/plans.py), and int8 through either int8 kernel; against transformers
-    in the same precision (bf16: within 1.5x transformers' own bf16 error; int8: its dequantized weights, within
-    2.5x that error where PyTorch's kernel rounds twice)."""
+    in the same precision (bf16: within 2x transformers' own bf16 error; int8: its dequantized weights, within
+    3x that error where PyTorch's kernel rounds twice)."""
     reference = hf_gpt2(**{**CONFIG, "n_layer": 3})
     checkpoint = save_checkpoint(reference, tmp_path, "openai")
     if variant.startswith("int8"):
@@ -217,7 +217,7 @@ def test_the_compiled_step_runs_each_one_row_kernel_as_transformers_computes(var
         if variant == "float32" or variant == "int8 by minhub::linear":
             assert (ours - exact).abs().max().item() <= 1e-4
         else:  # as in test_fast's int8_within_rounding: PyTorch's int8 kernel rounds twice
-            assert_close_in_bf16(ours, *bf16_reference(reference, idx, 2.5 if variant.startswith("int8") else 1.5))
+            assert_close_in_bf16(ours, *bf16_reference(reference, idx, 3.0 if variant.startswith("int8") else 2.0))
     ran = {e.key: e.count for e in prof.key_averages()}
     assert "aten::layer_norm" not in ran  # the compiled step ran, not the eager forward
     expected = {"float32": 4, "bfloat16": 4, "int8 by minhub::linear": 13, "int8 by PyTorch": 0}[variant]
