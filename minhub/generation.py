@@ -120,7 +120,8 @@ def sample_next_token(
     # softmax and multinomial in float32, even for half-precision models. Logits are taken relative to each row's
     # largest, which stays 0: a temperature too small for float32 (it rounds to 0) then sends the others to -inf and
     # leaves the largest, as temperature -> 0 means, instead of making every logit +-inf or NaN
-    shifted = logits.float() - logits.float().amax(-1, keepdim=True)
+    logits = logits.float()
+    shifted = logits - logits.amax(-1, keepdim=True)
     logits = torch.where(shifted == 0, shifted, shifted / temperature)
     candidates = None  # token ids of the columns of `logits`, when they are a subset of the vocabulary
     if top_k is not None and top_k < logits.size(-1):
