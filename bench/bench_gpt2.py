@@ -17,13 +17,15 @@ import resource
 import statistics
 import subprocess
 import sys
+import weakref
 import tempfile
 import time
+from unittest import mock
 from pathlib import Path
 
 import torch
 
-from minhub import generate, generation, gpt2_from_pretrained, hardware, matmul
+from minhub import generate, gpt2_from_pretrained, hardware, matmul, speed
 
 
 def write_random_gpt2(directory: Path) -> Path:
@@ -76,9 +78,12 @@ def matrix_read_gbs(model, rounds: int = 7, passes: int = 1) -> float:
     return passes * sum(w.numel() * w.element_size() for w in matrices) / best / 1e9
 
 
+EAGER: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
 def eager_step(model):
-    """`model` decoding through its eager forward, not the precompiled step (a registered step takes precedence)."""
-    generation.use_decode_step(model, model.forward)
+    """`model` decoding through its eager forward, not the precompiled step (`ours` sets MINHUB_DECODE=eager)."""
+    EAGER.add(model)
     return model
 
 
@@ -97,7 +102,7 @@ def stepwise_logits(model, idx: torch.Tensor) -> torch.Tensor:
     """Teacher-forced logits (B, T, V) through the KV-cached decode step, one token at a time: the path generate
     takes, compiled or not."""
     model.setup_cache(idx.size(0), model.config.n_positions + 1)  # the engine's cache: no recompile
-    step = generation.decode_step(model)
+    step = speed.decode_step(model, idx.size(0), masked=False)
     return torch.cat([model(idx[:, :1], 0)] + [step(idx[:, t:t + 1], t) for t in range(1, idx.size(1))], dim=1)
 
 
@@ -116,7 +121,10 @@ def decode_rate(run, new_tokens: int) -> tuple[float, float]:
 
 
 def ours(model, idx, max_new):
-    return generate(model, idx, max_new, temperature=0)
+    if model not in EAGER:
+        return generate(model, idx, max_new, temperature=0)
+    with mock.patch.dict(os.environ, {"MINHUB_DECODE": "eager"}):
+        return generate(model, idx, max_new, temperature=0)
 
 
 def theirs(model, idx, max_new):
@@ -190,7 +198,7 @@ def main() -> None:
     print(f"reading the weight matrices one after another: {matrix_bw:.1f} GB/s ({matrix_bw / bw:.0%} of the 1 GiB "
           f"read), a batch-1 ceiling of {matrix_roofline:.1f} tok/s")
 
-    from minhub.fast import compile_decode, prepack, quantize_int8
+    from minhub.speed import compile_decode, prepack, quantize_int8
 
     cpu = hardware.cpu_info()
     unavailable = {}  # variant -> why this machine cannot run it
@@ -208,7 +216,7 @@ def main() -> None:
     reduced = {"bf16": gpt2_from_pretrained(model_dir, dtype=torch.bfloat16),  # unpacked: what runs everywhere
                "int8": quantize_int8(gpt2_from_pretrained(model_dir))}
     if "minhub bf16 packed" not in unavailable:
-        reduced["bf16 packed"] = prepack(gpt2_from_pretrained(model_dir), torch.bfloat16)
+        reduced["bf16 packed"] = prepack(gpt2_from_pretrained(model_dir))
     compiled = int8_compiled = None
     if "minhub fp32 compile_decode" not in unavailable:
         compiled = compile_decode(gpt2_from_pretrained(model_dir))
@@ -230,14 +238,13 @@ def main() -> None:
 
         for batch in (1, 8):
             idx = torch.randint(0, 50257, (batch, 32), generator=g)
-            fp32_packed = prepack(gpt2_from_pretrained(model_dir), torch.float32, batch)
             assert torch.equal(ours(model, idx, 16), theirs(ref, idx, 16)), f"greedy tokens differ at batch {batch}"
-            assert torch.equal(ours(fp32_packed, idx, 16), ours(model, idx, 16)), "packed fp32 tokens differ"
             variants = {"minhub fp32": (ours, model), "minhub fp32 eager step": (ours, eager),
                         "minhub fp32 BLAS only": (ours, blas),
                         "minhub fp32 compile_decode": (ours, compiled),
-                        "minhub fp32 packed": (ours, fp32_packed), "minhub bf16": (ours, reduced["bf16"]),
-                        "minhub bf16 packed": (ours, reduced.get("bf16 packed")), "minhub int8": (ours, reduced["int8"]),
+                        "minhub bf16": (ours, reduced["bf16"]),
+                        "minhub bf16 packed": (ours, reduced.get("bf16 packed")),
+                        "minhub int8": (ours, reduced["int8"]),
                         "minhub int8 compile_decode": (ours, int8_compiled), "transformers fp32": (theirs, ref)}
             if batch > 1 and not cpu.onednn_bf16 and matmul.plan().kernel(torch.bfloat16, False) == "blas":
                 # batched bf16 matmuls go to ATen's fallback kernel there, which takes minutes
@@ -275,7 +282,6 @@ def main() -> None:
                       f"default makes {r['minhub fp32'] / best_pass:.0%}")
             print(f"decode batch {batch} (tok/s): " + ", ".join(f"{k} {v:.1f}" for k, v in r.items()), flush=True)
             for name in ("minhub fp32", "minhub fp32 eager step", "minhub fp32 BLAS only", "minhub fp32 compile_decode",
-                         "minhub fp32 packed",
                          "minhub bf16", "minhub bf16 packed", "minhub int8", "minhub int8 compile_decode"):
                 label = f"decode, batch {batch}, {name} (tok/s)"
                 rows.append((label, r[name], base, r[name] / base) if name in r
@@ -298,7 +304,6 @@ def main() -> None:
                           f"{base / matrix_roofline:.0%}", flush=True)
                     rows.append((f"decode, batch 1, {name}, share of the matrix-by-matrix roofline",
                                  r[name] / matrix_roofline, base / matrix_roofline, r[name] / base))
-            del fp32_packed
 
         idx = torch.randint(0, 50257, (1, 512), generator=g)
         r = paired({"ours": lambda: _timed(lambda: ours(model, idx, 1)),

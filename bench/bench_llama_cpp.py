@@ -33,7 +33,7 @@ from bench_gpt2 import (decode_rate, eager_step, machine, ours, print_table,  # 
                         write_random_gpt2)
 
 from minhub import gpt2_from_pretrained, hardware, matmul  # noqa: E402
-from minhub.fast import compile_decode, quantize_int8  # noqa: E402
+from minhub.speed import compile_decode, quantize_int8  # noqa: E402
 
 TOKENIZER = Path(__file__).parents[1] / "tests" / "fixtures" / "gpt2-tokenizer"
 

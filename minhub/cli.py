@@ -13,9 +13,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 def _check_generate_args(args: argparse.Namespace) -> None:
     """Every argument that can be checked without the model, before anything is loaded or printed."""
     from minhub import hardware
-    from minhub.generation import check_sampling_args
+    from minhub.generation import Sampling
 
-    check_sampling_args(args.temperature, args.top_k or None, args.top_p)
+    Sampling(args.temperature, args.top_k or None, args.top_p)  # checks them
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     device = hardware.check_device(args.device)
@@ -35,16 +35,15 @@ def generate_command(args: argparse.Namespace) -> int:
     import torch
 
     from minhub import hardware, hub
-    from minhub.generation import _network, stream_text
+    from minhub import speed
+    from minhub.generation import stream_text
     from minhub.tokenizer import tokenizer_from_pretrained
 
     dtype = getattr(torch, args.dtype)
     try:
         _check_generate_args(args)
-        if (args.compile or args.int8) and hub.model_type(args.model, args.revision) == "minhub-gpt4":
-            raise ValueError("--compile and --int8 are for GPT-2 models; drop them for this GPT4 run")
         model = hub.from_pretrained(args.model, args.revision, dtype=dtype, device=args.device)
-        _, _, vocab_size = _network(model)
+        vocab_size = model.config.vocab_size
         # GPT4 runs have no end-of-text token
         eos = None if args.ignore_eos else getattr(model.config, "eos_token_id", None)
         # the model's commit, not the branch name: model and tokenizer come from the same files
@@ -57,20 +56,11 @@ def generate_command(args: argparse.Namespace) -> int:
               "do not belong together", file=sys.stderr)
         return 2
     device = next(model.parameters()).device
-    if args.dtype == "bfloat16" and device.type == "cpu" and hardware.cpu_info().onednn_bf16:
-        from minhub.fast import prepack
-
-        # oneDNN's bf16 kernels are fastest with weights packed once (measured on the Xeon); elsewhere the
-        # loader's matmul plan (minhub.matmul: row-major bf16 weights, minhub::linear) runs them
-        prepack(model, torch.bfloat16)
-    if args.int8:
-        from minhub.fast import quantize_int8
-
-        quantize_int8(model)
-    if args.compile:
-        from minhub.fast import compile_decode
-
-        compile_decode(model)
+    try:
+        speed.optimize(model, weights=speed.weights_for(model, int8=args.int8), compile_batches=args.compile)
+    except (ValueError, hardware.CPUFeatureError) as e:
+        print(f"minhub: {e}", file=sys.stderr)
+        return 2
     generator = None if args.seed is None else torch.Generator(device=device).manual_seed(args.seed)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
@@ -96,7 +86,6 @@ def score_command(args: argparse.Namespace) -> int:
     import torch
 
     from minhub import hardware, hub
-    from minhub.generation import _network
     from minhub.scoring import check_scoring_args, token_logprobs, windows
     from minhub.tokenizer import tokenizer_from_pretrained
 
@@ -106,7 +95,7 @@ def score_command(args: argparse.Namespace) -> int:
         if not text:
             raise ValueError(f"{args.file} is empty: there is nothing to score")
         model = hub.from_pretrained(args.model, args.revision, device=device)
-        _, context, _ = _network(model)
+        context = model.config.context_length
         tokenizer = tokenizer_from_pretrained(args.model, model.commit_hash or args.revision)
         encoding = tokenizer.encode(text)
         max_length, stride = check_scoring_args(len(encoding.ids), context, args.max_length, args.stride,
@@ -155,7 +144,7 @@ def serve_command(args: argparse.Namespace) -> int:
 
     try:
         app = build_app(args.model, args.revision, max_batch=args.max_batch, dtype=args.dtype, device=args.device,
-                        api_key=args.api_key)
+                        api_key=args.api_key, compile_batches=args.compile)
     except (hub.LoadError, ValueError, FileNotFoundError, hardware.CPUFeatureError) as e:
         print(f"minhub: {e}", file=sys.stderr)
         return 2
@@ -227,6 +216,13 @@ def _add_dtype(parser: argparse.ArgumentParser, help_text: str | None = None) ->
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help=help_text)
 
 
+def _add_compile(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile batched decode steps in this process (minhub.speed, compile_batches), "
+                             "after a compile of 20-40 s; one row on the CPU already runs a step compiled once per "
+                             "machine (minhub.precompiled)")
+
+
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--temperature", type=float, default=1.0, help="0 is greedy decoding (default 1.0)")
@@ -248,11 +244,8 @@ def _add_generate_arguments(commands: argparse._SubParsersAction) -> None:
     _add_device(gen)
     gen.add_argument("--ignore-eos", action="store_true", help="keep going after <|endoftext|>")
     gen.add_argument("--int8", action="store_true",
-                     help="int8 weights, on CPU (minhub.fast.quantize_int8): fastest, least exact")
-    gen.add_argument("--compile", action="store_true",
-                     help="torch.compile the decode step in this process (minhub.fast.compile_decode), after a "
-                          "compile of 10-40 s: for GPUs and small models; on the CPU, GPT-2s of 32 MB and more "
-                          "already run a step compiled once per machine (minhub.precompiled)")
+                     help="int8 weights, on CPU (minhub.speed, weights='int8'): fastest, least exact")
+    _add_compile(gen)
     gen.set_defaults(handler=generate_command)
 
 
@@ -339,6 +332,7 @@ def _add_serve_arguments(commands: argparse._SubParsersAction) -> None:
     _add_dtype(sv)
     _add_device(sv)
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    _add_compile(sv)
     sv.set_defaults(handler=serve_command)
 
 

@@ -1,58 +1,24 @@
-"""The generation engine: one loop for GPT-2 and the GPT4 decoder, used by minhub.generate, the CLI and the server.
+"""The generation engine: one loop for every model that follows the contract (docs/contract.md), used by
+minhub.generate, the CLI and scoring; the server batches on the same contract.
 
 What it adds to the model files' own short `generate`: batches of prompts of different lengths (left padding with
-an attention mask, GPT-2), EOS per row, streaming token by token and as text, top-k / top-p / temperature sampling
-with a seeded generator, a window that slides past the context (exactly, or window_shift tokens at a time), and
-argument checks before any work. The loop is gpt-fast's: the KV cache is preallocated once, the prompt fills it in
-one forward, then each step feeds one token. That one-token step is, in order: one registered with `use_decode_step`
-(`minhub.fast.compile_decode`'s), minhub.precompiled's (one prompt of a GPT-2 on the CPU: compiled once per machine
-and model shape), or the network's own forward. Nothing in the model files knows about either.
+an attention mask), EOS per row (several EOS ids too), streaming token by token and as text, top-k / top-p /
+temperature sampling with a seeded generator, a window that slides past the context (exactly, or window_shift tokens
+at a time), and argument checks before any work. The loop is gpt-fast's: the KV cache is preallocated once, the
+prompt fills it in one forward, then each step feeds one token, through the step minhub.speed.decode_step picks (a
+compiled one where this machine has it, else the model's forward).
 """
 
 from __future__ import annotations
 
 import math
-import weakref
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
 
-from minhub import precompiled
-from minhub.gpt2 import GPT2
-from minhub.gpt4 import GPT4
-
-_decode_steps: weakref.WeakKeyDictionary[nn.Module, Callable[..., torch.Tensor]] = weakref.WeakKeyDictionary()
-
-
-def _network(model: nn.Module) -> tuple[nn.Module, int, int]:
-    """(the module that maps tokens to logits with a KV cache, its context length, its vocabulary size)."""
-    if isinstance(model, GPT4):
-        net = model.decoder.net
-        return net, net.config.max_seq_len, net.config.num_tokens
-    if isinstance(model, GPT2):
-        return model, model.config.n_positions, model.config.vocab_size
-    raise TypeError(f"minhub generates with GPT2 and GPT4 models, not {type(model).__name__}")
-
-
-def _call(forward: Callable, tokens: torch.Tensor, cache_pos: int, attention_mask: torch.Tensor | None,
-          **kwargs: Any) -> torch.Tensor:
-    # GPT4's network has no attention_mask argument (the engine refuses masks for it)
-    if attention_mask is None:
-        return forward(tokens, cache_pos, **kwargs)
-    return forward(tokens, cache_pos, attention_mask, **kwargs)
-
-
-def use_decode_step(model: nn.Module, step: Callable[..., torch.Tensor]) -> None:
-    """Make the engine run `step(tokens, cache_pos, attention_mask=None)` instead of the model's own forward for
-    every one-token decode step of `model` (prefill and window rebuilds keep the forward)."""
-    _decode_steps[_network(model)[0]] = step
-
-
-def decode_step(model: nn.Module) -> Callable[..., torch.Tensor]:
-    """What the engine calls for one new token against the KV cache: a compiled step, or the network itself."""
-    net = _network(model)[0]
-    return _decode_steps.get(net, net)
+from minhub import speed
 
 
 def check_int(name: str, value: object, low: int, high: int | None = None, *, high_name: str | None = None,
@@ -137,6 +103,23 @@ def sample_next_token(
     return (choice if candidates is None else candidates.gather(-1, choice)).squeeze(-1)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is picked, checked when made (ValueError): the one set of sampling parameters of
+    `generate`, `generate_stream`, the CLI and the server. See `sample_next_token`."""
+
+    temperature: float = 1.0
+    top_k: int | None = 50
+    top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        check_sampling_args(self.temperature, self.top_k, self.top_p)
+
+    def sample(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One token per row of logits (B, V)."""
+        return sample_next_token(logits, self.temperature, self.top_k, self.top_p, generator)
+
+
 def pad_left(sequences: list[list[int]], pad_id: int = 50256) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad prompts of different lengths into (idx, attention_mask), both (B, longest), for `generate`."""
     if not sequences or any(len(s) == 0 for s in sequences):
@@ -168,12 +151,12 @@ def generate_stream(
     window_shift: int = 1,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), as soon as it is sampled; the arguments are `generate`'s."""
-    net, n_ctx, vocab_size = _network(model)
+    n_ctx, vocab_size = model.config.context_length, model.config.vocab_size
     check_token_ids(idx, vocab_size, n_ctx)
-    check_sampling_args(temperature, top_k, top_p)
+    sampling = Sampling(temperature, top_k, top_p)
     check_int("max_new_tokens", max_new_tokens, 0)
     if not isinstance(window_shift, int) or not 1 <= window_shift < n_ctx:
-        raise ValueError(f"window_shift must be in [1, n_positions={n_ctx}), got {window_shift}")
+        raise ValueError(f"window_shift must be in [1, context_length={n_ctx}), got {window_shift}")
     eos = None
     if eos_token_id is not None:
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=idx.device)
@@ -183,13 +166,11 @@ def generate_stream(
     if T == 0:
         raise ValueError("the prompt is empty: give at least one token (GPT-2 prompts often start with 50256)")
     if attention_mask is not None:
-        if not isinstance(net, GPT2):
-            raise ValueError(f"{type(model).__name__} takes no attention_mask: generate its prompts one at a time")
         attention_mask = _check_attention_mask(attention_mask, idx)
     if max_new_tokens == 0:
         return
 
-    # the token window the model sees, at most n_positions slots; it slides when full
+    # the token window the model sees, at most context_length slots; it slides when full
     window = torch.empty(B, n_ctx, dtype=torch.long, device=idx.device)
     window[:, :T] = idx
     mask = None
@@ -198,16 +179,14 @@ def generate_stream(
         mask[:, :T] = attention_mask
     # one slot more than the window: the keys up to the last usable slot are then never the whole buffer, so a
     # compiled decode step sees the same strides at every position and is not recompiled at the last one
-    net.setup_cache(B, n_ctx + 1)
-    step_forward = decode_step(model)  # compile_decode's step, if it was asked for
-    if step_forward is net:
-        step_forward = precompiled.step_for(net, B, mask is not None) or net
+    model.setup_cache(B, n_ctx + 1)
+    step_forward = speed.decode_step(model, B, mask is not None)
     model_mask = None if mask is None else mask[:, :T]
-    logits = _call(net, window[:, :T], 0, model_mask, only_last=True)[:, -1]  # (B, V) prefill: the prompt, once
+    logits = model(window[:, :T], 0, model_mask, only_last=True)[:, -1]  # (B, V) prefill: the prompt, once
     n = T  # filled slots
     finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
     for step in range(max_new_tokens):
-        token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
+        token = sampling.sample(logits, generator)  # (B,)
         if eos is not None:
             token = torch.where(finished, eos[0], token)  # a finished row repeats EOS, as padding
             finished |= torch.isin(token, eos)
@@ -226,9 +205,9 @@ def generate_stream(
         window[:, n] = token
         model_mask = None if mask is None else mask[:, :n + 1]
         if slide:
-            logits = _call(net, window[:, :n + 1], 0, model_mask, only_last=True)[:, -1]
+            logits = model(window[:, :n + 1], 0, model_mask, only_last=True)[:, -1]
         else:
-            logits = _call(step_forward, token[:, None], n, model_mask)[:, -1]  # one new token against the cache
+            logits = step_forward(token[:, None], n, model_mask)[:, -1]  # one new token against the cache
         n += 1
 
 
@@ -266,11 +245,11 @@ def generate(
         has finished (so fewer than max_new_tokens may be returned, as in transformers).
     attention_mask: (B, T) for left-padded batches of prompts of different lengths (see `pad_left`).
     generator: a seeded torch.Generator makes sampling repeatable.
-    window_shift: past the n_positions context window every token is predicted from the last n_positions tokens
-        (the default, 1), which costs a full forward pass per token since GPT-2's absolute positions make every
-        cached key stale when the window moves. A larger value drops that many of the oldest tokens at once and
-        rebuilds the cache only then: each token then sees between n_positions - window_shift and n_positions
-        previous tokens, and the rebuild cost is shared by window_shift tokens (e.g. 256 for long generations).
+    window_shift: past the context window every token is predicted from the last context_length tokens (the
+        default, 1), which costs a full forward pass per token since positions (GPT-2's learned ones, rotary ones)
+        make every cached key stale when the window moves. A larger value drops that many of the oldest tokens at
+        once and rebuilds the cache only then: each token then sees between context_length - window_shift and
+        context_length previous tokens, and the rebuild cost is shared by window_shift tokens (e.g. 256).
     A 1-D idx is taken as one prompt and gives a 1-D result.
     """
     squeeze = isinstance(idx, torch.Tensor) and idx.dim() == 1

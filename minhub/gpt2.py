@@ -63,6 +63,11 @@ class GPT2Config:
             raise ValueError(f"activation_function={self.activation_function!r} is not implemented; use one of "
                              f"{sorted(ACTIVATIONS)}")
 
+    @property
+    def context_length(self) -> int:
+        """The most positions the model sees at once (the name every minhub model config answers to)."""
+        return self.n_positions
+
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> GPT2Config:
         """Build from a hub config.json dict: read the fields that matter, refuse what this model is not."""
@@ -90,19 +95,25 @@ class KVCache(nn.Module):
     """Keys and values of the positions seen so far, preallocated once and written in place (one small write per
     decoded token, where transformers concatenates the whole cache)."""
 
-    def __init__(self, batch_size: int, n_head: int, max_len: int, head_size: int, dtype, device) -> None:
+    def __init__(self, batch_size: int, n_kv_head: int, max_len: int, head_size: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
         super().__init__()
-        self.max_len = max_len
-        shape = (batch_size, n_head, max_len, head_size)
+        shape = (batch_size, n_kv_head, max_len, head_size)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, nh, T, hs) at slots [start, start + T); return all keys and values up to there."""
-        end = start + k.size(2)
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]  # (B, nh, L, hs) views, no copy
+        """Write k, v (B, nh, T, hs) into the first B rows at slots [start, start + T); return those rows' keys and
+        values up to there. Fewer rows than the cache holds use its first rows (a server decodes only those in use)."""
+        B, end = k.size(0), start + k.size(2)
+        self.k[:B, :, start:end] = k
+        self.v[:B, :, start:end] = v
+        return self.k[:B, :, :end], self.v[:B, :, :end]  # (B, nh, L, hs) views, no copy
+
+    def fits(self, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether this cache can be reused as one of this shape (inference tensors stay in inference mode)."""
+        return (self.k.shape[0], self.k.shape[2], self.k.dtype, self.k.device, self.k.is_inference()) == (
+            batch_size, max_len, dtype, device, torch.is_inference_mode_enabled())
 
 
 class CausalSelfAttention(nn.Module):
@@ -200,13 +211,16 @@ class GPT2(nn.Module):
         max_len = max_len or self.config.n_positions
         p = self.transformer.wte.weight  # the cache takes the model's dtype and device
         old = self.transformer.h[0].attn.kv_cache
-        if old is not None and old.k.shape[0] == batch_size and old.max_len == max_len and old.k.dtype == p.dtype \
-                and old.k.device == p.device and old.k.is_inference() == torch.is_inference_mode_enabled():
+        if old is not None and old.fits(batch_size, max_len, p.dtype, p.device):
             return
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache(batch_size, self.config.n_head, max_len, block.attn.head_size, p.dtype,
                                           p.device)
         self.cache_len = max_len
+
+    def kv_caches(self) -> list[KVCache]:
+        """Every layer's KV cache, in order (after setup_cache)."""
+        return [block.attn.kv_cache for block in self.transformer.h]
 
     def forward(self, idx: torch.Tensor, cache_pos: int | None = None, attention_mask: torch.Tensor | None = None, *,
                 only_last: bool = False) -> torch.Tensor:

@@ -68,6 +68,16 @@ class GPT4Config:
         return cls(**{k: v for k, v in config.items() if k in {f.name for f in fields(cls)}})
 
     @property
+    def vocab_size(self) -> int:
+        """num_tokens under the name every minhub model config answers to."""
+        return self.num_tokens
+
+    @property
+    def context_length(self) -> int:
+        """max_seq_len under the name every minhub model config answers to."""
+        return self.max_seq_len
+
+    @property
     def use_qk_norm(self) -> bool:
         return self.qk_norm and self.attn_qk_norm
 
@@ -122,16 +132,25 @@ def apply_rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: t
 class KVCache(nn.Module):
     """Keys (rotated) and values of the positions seen so far, preallocated and written in place."""
 
-    def __init__(self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__()  # shape: (batch, kv_heads, max_len, dim_head)
+    def __init__(self, batch_size: int, kv_heads: int, max_len: int, dim_head: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        shape = (batch_size, kv_heads, max_len, dim_head)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + k.size(2)
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]  # (B, kv_heads, L, d)
+        """Write k, v (B, kv_heads, T, d) into the first B rows at slots [start, start + T); return those rows' keys
+        and values up to there."""
+        B, end = k.size(0), start + k.size(2)
+        self.k[:B, :, start:end] = k
+        self.v[:B, :, start:end] = v
+        return self.k[:B, :, :end], self.v[:B, :, :end]  # (B, kv_heads, L, d)
+
+    def fits(self, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether this cache can be reused as one of this shape (inference tensors stay in inference mode)."""
+        return (self.k.shape[0], self.k.shape[2], self.k.dtype, self.k.device, self.k.is_inference()) == (
+            batch_size, max_len, dtype, device, torch.is_inference_mode_enabled())
 
 
 class Attention(nn.Module):
@@ -165,7 +184,7 @@ class Attention(nn.Module):
             if self.q_scale is not None:
                 q, k = q * self.q_scale, k * self.k_scale
         if rotary is not None:
-            cos, sin, xpos = rotary  # (T, r) each, for these T positions
+            cos, sin, xpos = rotary  # (T, r) or (B, 1, T, r) each, for these positions
             q = apply_rotary(q, cos, sin, xpos)
             k = apply_rotary(k, cos, sin, 1.0 / xpos)  # keys get the inverse xPos scale
         if cache_pos is not None:
@@ -231,7 +250,7 @@ class Transformer(nn.Module):
         self.final_norm = nn.LayerNorm(config.dim, bias=False)
         self.to_logits = nn.Linear(config.dim, config.num_tokens, bias=False)
         self.build_position_tables()
-        self.cache_key, self.cache_len = None, 0
+        self.cache_len = 0
 
     def build_position_tables(self) -> None:
         """ALiBi slopes and rotary/xPos tables: computed from the config, never stored in checkpoints."""
@@ -251,18 +270,26 @@ class Transformer(nn.Module):
             nn.init.normal_(self.pos_emb.weight, std=0.02)
 
     def setup_cache(self, batch_size: int, max_len: int | None = None) -> None:
-        """Allocate the KV cache (reused when it already fits)."""
+        """Allocate the KV cache for `batch_size` rows and `max_len` slots (default max_seq_len); reused if it fits."""
         max_len, w = max_len or self.config.max_seq_len, self.token_emb.weight
-        key = (batch_size, max_len, w.dtype, w.device, torch.is_inference_mode_enabled())  # inference tensors stay in
-        if key != self.cache_key:
-            for block in self.layers:
-                block.attn.kv_cache = KVCache((batch_size, self.config.kv_heads, max_len, self.config.dim_head),
-                                              w.dtype, w.device)
-            self.cache_key, self.cache_len = key, max_len
+        old = self.layers[0].attn.kv_cache
+        if old is not None and old.fits(batch_size, max_len, w.dtype, w.device):
+            return
+        for block in self.layers:
+            block.attn.kv_cache = KVCache(batch_size, self.config.kv_heads, max_len, self.config.dim_head, w.dtype,
+                                          w.device)
+        self.cache_len = max_len
 
-    def forward(self, tokens: torch.Tensor, cache_pos: int | None = None, *, only_last: bool = False) -> torch.Tensor:
+    def kv_caches(self) -> list[KVCache]:
+        """Every layer's KV cache, in order (after setup_cache)."""
+        return [block.attn.kv_cache for block in self.layers]
+
+    def forward(self, tokens: torch.Tensor, cache_pos: int | None = None, attention_mask: torch.Tensor | None = None,
+                *, only_last: bool = False) -> torch.Tensor:
         """Logits (B, T, num_tokens). cache_pos: None for a full forward; an int writes this chunk's keys and values
-        into the KV cache at slots [cache_pos, cache_pos + T) and attends to every slot before them."""
+        into the KV cache at slots [cache_pos, cache_pos + T) and attends to every slot before them.
+        attention_mask: (B, cache_pos + T), 0 for left padding: positions count real tokens only, so a padded row
+        computes what it would alone. only_last: logits of the last position only."""
         B, T = tokens.shape
         start = cache_pos or 0
         if start + T > self.config.max_seq_len:
@@ -271,30 +298,46 @@ class Transformer(nn.Module):
         if cache_pos is not None and start + T > self.cache_len:
             raise ValueError(f"the KV cache holds {self.cache_len} slots but slots [{start}, {start + T}) were asked "
                              "for: call setup_cache() with a larger max_len (at most max_seq_len)")
+        if attention_mask is None:
+            pos = torch.arange(start + T, device=tokens.device)  # (L,) every slot's position
+        else:
+            pos = (attention_mask[:, :start + T].cumsum(-1) - 1).clamp(min=0)  # (B, L) real tokens before each slot
         x = self.token_emb(tokens)  # (B, T, D)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + T, device=tokens.device)) * self.config.dim**-0.5
-        rotary = self.rotary[:, start:start + T] if self.config.rotary_xpos else None  # (3, T, r)
-        mask = self.attention_mask(start, T, tokens.device)
+            x = x + self.pos_emb(pos[..., start:]) * self.config.dim**-0.5
+        rotary = None
+        if self.config.rotary_xpos:
+            rotary = self.rotary[:, pos[..., start:]]  # (3, T, r), or (3, B, T, r) per row
+            rotary = rotary if attention_mask is None else rotary.unsqueeze(2)  # (3, B, 1, T, r): one for all heads
+        mask = self.attention_mask(pos, attention_mask, start, T)
         for block in self.layers:
             x = block(x, rotary, mask, cache_pos)
         if only_last:
             x = x[:, -1:]
         return self.to_logits(self.final_norm(x))
 
-    def attention_mask(self, start: int, T: int, device) -> torch.Tensor | None:
+    def attention_mask(self, pos: torch.Tensor, attention_mask: torch.Tensor | None, start: int,
+                       T: int) -> torch.Tensor | None:
         """What queries at slots start..start+T-1 may see of keys 0..start+T-1: None when plain causal attention
-        (or, for one query, everything) will do; else (H, T, L) ALiBi bias with -inf on future keys, or a bool mask."""
+        (or, for one query, everything) will do; else a bool mask, or the ALiBi bias with -inf where a key is hidden:
+        (T, L) or (H, T, L) without attention_mask, (B, 1, T, L) or (B, H, T, L) with it. pos: (L,) or (B, L)."""
         use_alibi = self.config.alibi_pos_bias
-        if not use_alibi and (start == 0 or T == 1):
+        if not use_alibi and attention_mask is None and (start == 0 or T == 1):
             return None
         L = start + T
-        q_pos = torch.arange(start, L, device=device)[:, None]  # (T, 1)
-        k_pos = torch.arange(L, device=device)[None, :]  # (1, L)
-        visible = k_pos <= q_pos  # (T, L), right-aligned causal
+        q_slot = torch.arange(start, L, device=pos.device)[:, None]  # (T, 1)
+        k_slot = torch.arange(L, device=pos.device)[None, :]  # (1, L)
+        visible = k_slot <= q_slot  # (T, L), right-aligned causal
+        if attention_mask is not None:
+            # a padding slot may see only itself: a query with every key hidden would give NaN in the real rows too
+            visible = (visible & attention_mask[:, None, None, :L].bool()) | (k_slot == q_slot)  # (B, 1, T, L)
         if not use_alibi:
             return visible
-        bias = -(k_pos - q_pos).abs() * self.alibi_slopes  # (H, T, L)
+        if attention_mask is None:
+            distance = (k_slot - q_slot).abs()  # (T, L)
+        else:
+            distance = (pos[:, None, None, :] - pos[:, None, start:, None]).abs()  # (B, 1, T, L) in positions
+        bias = -distance * self.alibi_slopes  # (H, T, L) or (B, H, T, L)
         return bias.masked_fill(~visible, float("-inf"))
 
 
@@ -405,9 +448,23 @@ class GPT4(nn.Module):
         if not self.decoder.net.token_emb.weight.is_meta:
             self.decoder.net.reset_parameters()
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, num_tokens) for token ids (B, T)."""
-        return self.decoder.net(tokens)
+    def forward(self, tokens: torch.Tensor, cache_pos: int | None = None, attention_mask: torch.Tensor | None = None,
+                *, only_last: bool = False) -> torch.Tensor:
+        """Logits (B, T, num_tokens) for token ids (B, T); the arguments are Transformer.forward's."""
+        return self.decoder.net(tokens, cache_pos, attention_mask, only_last=only_last)
+
+    def setup_cache(self, batch_size: int, max_len: int | None = None) -> None:
+        """Allocate the KV cache (see Transformer.setup_cache)."""
+        self.decoder.net.setup_cache(batch_size, max_len)
+
+    def kv_caches(self) -> list[KVCache]:
+        """Every layer's KV cache, in order."""
+        return self.decoder.net.kv_caches()
+
+    @property
+    def cache_len(self) -> int:
+        """Slots of the KV cache set up, 0 before."""
+        return self.decoder.net.cache_len
 
     def generate(self, prompts: torch.Tensor, seq_len: int, **kwargs: Any) -> torch.Tensor:  # see the wrapper's
         return self.decoder.generate(prompts, seq_len, **kwargs)

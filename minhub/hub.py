@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from minhub import hardware, matmul
+from minhub import hardware, matmul, speed
 from minhub.gpt2 import CONV1D_WEIGHTS, GPT2, GPT2Config, gpt2_from_state_dict, hub_name_to_minhub
 from minhub.gpt4 import GPT4, GPT4Config
 
@@ -337,7 +337,7 @@ def gpt2_from_pretrained(
     state_dict = load_state_dict(files)
     hub_to_minhub_state_dict(state_dict, expected)  # names every misfit; the model file then does the mapping
     model = gpt2_from_state_dict(config, state_dict).to(device=device, dtype=dtype or torch.float32)
-    matmul.use_fastest(model)
+    speed.optimize(model)
     model.name_or_path, model.commit_hash = files.identifier, files.commit_hash
     return model.eval()
 
@@ -370,7 +370,7 @@ def gpt4_from_pretrained(
     weights = load_state_dict(files)
     check_weights_fit(weights, expected, "GPT4 decoder")
     model = GPT4.from_state_dict(config, weights).to(device=device, dtype=dtype or torch.float32)
-    matmul.use_fastest(model)
+    speed.optimize(model)
     model.name_or_path, model.commit_hash = files.identifier, files.commit_hash
     return model.eval()
 

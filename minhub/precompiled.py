@@ -1,7 +1,7 @@
-"""The default path's one-token decode step for GPT-2 on the CPU, compiled ahead of time once per machine and shape.
+"""The default path's one-token decode step on the CPU, compiled ahead of time once per machine and model shape.
 
-Why: at batch 1 a GPT-2 step is ~50 weight matrix products and ~500 small ops. Run eagerly, the small ops and the
-Python between them cost 2-4 ms a token: a sixth of an fp32 token of GPT-2 124M on a 2-core CPU, a third of an int8
+It is built from the contract's forward (docs/contract.md), so every model file gets it. Why: at batch 1 a GPT-2
+step is ~50 weight matrix products and ~500 small ops. Run eagerly, the small ops and the Python between them cost 2-4 ms a token: a sixth of an fp32 token of GPT-2 124M on a 2-core CPU, a third of an int8
 one. Exported (torch.export) and compiled by AOTInductor, they become a few fused C++ loops; the matrix products stay
 minhub.matmul's kernels (minhub::linear is an opaque call in the graph), and attention for the one new query goes to
 minhub::attend (attend_one_query).
@@ -11,7 +11,8 @@ call the model's own weights and KV cache are bound to it as "user-managed const
 once per machine, torch version, model shape and weight layout, matmul kernels and source of the traced code, in
 <cache>/steps/<key>.pt2 (20-40 s on 2 cores, with a message); later processes load it in milliseconds.
 
-The engine (minhub.generation) takes it for one prompt (batch 1, no attention mask) of a GPT2 on the CPU whose weights
+The engine (minhub.generation, through minhub.speed) takes it for one prompt (batch 1, no attention mask) of a model
+on the CPU whose weights
 are at least MIN_WEIGHT_BYTES (below that, a compile is never paid back), on a machine with a C++ compiler.
 MINHUB_DECODE=eager turns it off, MINHUB_DECODE=compiled takes it for any size. Where it cannot be built (remembered
 on disk, so that later processes do not try again) or does not take the model's tensors, decoding is eager, with one
@@ -36,16 +37,15 @@ import torch.nn as nn
 
 from minhub import hardware, matmul
 from minhub.files import write_atomically
-from minhub.gpt2 import GPT2
 
 log = logging.getLogger("minhub")
 
 MIN_WEIGHT_BYTES = 32 * 2**20
-STEP_VERSION = 1  # bump when what is exported changes in a way the key does not see
+STEP_VERSION = 2  # bump when what is exported changes in a way the key does not see
 
 # per process: each model's key, its package's loader and the names of the tensors that takes; and for a key whose
 # package could not be built or bound, why
-_bound: weakref.WeakKeyDictionary[GPT2, tuple[str, object, list[str]]] = weakref.WeakKeyDictionary()
+_bound: weakref.WeakKeyDictionary[nn.Module, tuple[str, object, list[str]]] = weakref.WeakKeyDictionary()
 _failed: dict[str, str] = {}
 
 
@@ -61,27 +61,28 @@ def setting() -> str:
 
 
 class DecodeStep(nn.Module):
-    """What is exported: the network's forward for one new token of one row at a cache position. The position comes
+    """What is exported: the model's forward for one new token of one row at a cache position. The position comes
     as the length of `past` (a view of that many elements), because torch.export keeps a tensor's size symbolic but
     not yet an int argument: one package serves every position."""
 
-    def __init__(self, net: GPT2) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.net = net
+        self.model = model
 
     def forward(self, tokens: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
-        return self.net(tokens, past.size(0))
+        return self.model(tokens, past.size(0))
 
 
 def step_for(net: nn.Module, batch_size: int, masked: bool) -> Callable[[torch.Tensor, int], torch.Tensor] | None:
-    """The compiled `step(tokens (1, 1), cache_pos) -> logits (1, 1, V)` for `net` with its current KV cache, or None
-    where the engine should run the network eagerly. Builds the package the first time on this machine."""
-    if masked or batch_size != 1 or not isinstance(net, GPT2) or net.training:
+    """The compiled `step(tokens (1, 1), cache_pos) -> logits (1, 1, V)` for the model `net` with its current KV
+    cache, or None where the engine should run the model eagerly. Builds the package the first time on this machine
+    (which sets the cache up again: call it before filling the cache)."""
+    if masked or batch_size != 1 or net.training:
         return None
     mode = setting()
     if mode == "eager":
         return None
-    tensors = dict(net.named_parameters(remove_duplicate=False)) | dict(net.named_buffers(remove_duplicate=False))
+    tensors = named_tensors(net)
     if any(t.device.type != "cpu" or t.layout != torch.strided or t.requires_grad and torch.is_grad_enabled()
            for t in tensors.values()):  # oneDNN's packed weights (minhub.fast.prepack) have no plain storage
         return None
@@ -103,13 +104,14 @@ def step_for(net: nn.Module, batch_size: int, masked: bool) -> Callable[[torch.T
             _failed[key] = loaded
             return None
         _bound[net] = (key, *loaded)
+        tensors = named_tensors(net)  # building set the cache up again
     _, loader, fqns = _bound[net]
     # bind this model's own tensors at every call: the cache changes with setup_cache, the weights with the user
     try:
         distinct = len({id(t) for t in tensors.values()})  # a tied weight is one tensor under two names
         if len(fqns) != distinct:  # the key should make this impossible; a step that ran part of the model is worse
             raise ValueError(f"it takes {len(fqns)} tensors, the model has {distinct}")
-        loader.load_constants({fqn: tensors[fqn.removeprefix("net.")] for fqn in fqns}, False, True, True)
+        loader.load_constants({fqn: tensors[fqn.removeprefix("model.")] for fqn in fqns}, False, True, True)
     except Exception as e:  # a package that does not fit the model after all: decode eagerly rather than fail
         _failed[key] = f"{type(e).__name__}: {e}"
         del _bound[net]
@@ -124,7 +126,12 @@ def step_for(net: nn.Module, batch_size: int, masked: bool) -> Callable[[torch.T
     return step
 
 
-def step_key(net: GPT2) -> str:
+def named_tensors(net: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of `net` (the KV cache included) by name, a tied weight under each of its names."""
+    return dict(net.named_parameters(remove_duplicate=False)) | dict(net.named_buffers(remove_duplicate=False))
+
+
+def step_key(net: nn.Module) -> str:
     """What a package depends on: the machine and its matmul plan, torch, the model's config, every tensor's shape,
     strides and dtype, every module's class and kernels, whether minhub::attend is there, and the source of the classes
     traced."""
@@ -133,8 +140,8 @@ def step_key(net: GPT2) -> str:
     tensors = [(name, tuple(t.shape), t.stride(), str(t.dtype))
                for name, t in list(net.named_parameters(remove_duplicate=False)) + list(net.named_buffers())]
     text = json.dumps([STEP_VERSION, matmul.machine_key(), torch.__version__, sys.version_info[:2],
-                       net.config.to_dict(), net.cache_len, hasattr(torch.ops.minhub, "attend"), modules, tensors,
-                       _sources({type(m) for _, m in named})])
+                       type(net).__qualname__, repr(net.config), net.cache_len, hasattr(torch.ops.minhub, "attend"),
+                       modules, tensors, _sources({type(m) for _, m in named})])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -149,7 +156,7 @@ def package_path(key: str) -> Path:
     return matmul.cache_dir() / "steps" / f"{key}.pt2"
 
 
-def _load_or_build(net: GPT2, key: str) -> tuple[object, list[str]] | str:
+def _load_or_build(net: nn.Module, key: str) -> tuple[object, list[str]] | str:
     """The loaded package for `key`, built first if the cache lacks it; or, where that fails, the reason (a str)."""
     path = package_path(key)
     failed = path.with_suffix(".failed")
@@ -160,8 +167,8 @@ def _load_or_build(net: GPT2, key: str) -> tuple[object, list[str]] | str:
             return _load(path)
         except Exception as e:  # truncated or from another build: build it again
             log.warning("minhub: the compiled decode step %s is unusable (%s); building it again", path, e)
-    log.warning("minhub: compiling GPT-2's decode step for this CPU and model shape, once (20-40 s); kept in %s "
-                "(MINHUB_DECODE=eager skips it)", path.parent)
+    log.warning("minhub: compiling the decode step of %s for this CPU and model shape, once (20-40 s); kept in %s "
+                "(MINHUB_DECODE=eager skips it)", type(net).__name__, path.parent)
     start = time.perf_counter()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -187,24 +194,22 @@ def _load(path: Path) -> tuple[object, list[str]]:
     return loader, loader.get_constant_fqns()
 
 
-def _build(net: GPT2, path: Path) -> None:
+def _build(net: nn.Module, path: Path) -> None:
     import torch._inductor
     from torch.export import Dim
 
-    cache_len, last = net.cache_len, net.config.n_positions - 1  # the last position a one-token step can take
-    saved = [block.attn.kv_cache for block in net.transformer.h]
+    cache_len, last = net.cache_len, net.config.context_length - 1  # the last position a one-token step can take
     # export traces with autograd on, which refuses inference tensors: a cache of ordinary tensors meanwhile
-    with torch.inference_mode(False), torch.no_grad():
-        try:
+    try:
+        with torch.inference_mode(False), torch.no_grad():
             net.setup_cache(1, cache_len)
             past = torch.empty(cache_len, dtype=torch.int8)
             example = (torch.zeros(1, 1, dtype=torch.long), past[:max(2, last // 2)])
             program = torch.export.export(DecodeStep(net), example, strict=True, dynamic_shapes={
                 "tokens": None, "past": {0: Dim("cache_pos", min=1, max=last)}})
-        finally:
-            for block, cache in zip(net.transformer.h, saved):
-                block.attn.kv_cache = cache
-            net.cache_len = cache_len
+    finally:  # a cache of the caller's kind again (inference tensors under inference mode)
+        net.setup_cache(1, cache_len)
+    with torch.inference_mode(False), torch.no_grad():
         attend_one_query(program)
         partial = path.with_name(f".{path.stem}.{os.getpid()}.pt2")  # inductor wants the suffix
         try:

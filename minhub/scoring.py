@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from minhub.generation import _network, check_int
+from minhub.generation import check_int
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,9 @@ def token_logprobs(model: nn.Module, ids: Sequence[int] | torch.Tensor, *, max_l
                    stride: int | None = None, batch_size: int = 1, progress: bool = False) -> Iterator[torch.Tensor]:
     """Yield, window by window, the natural-log probability (float64) the model gives each token of `ids`
     (positions 1, 2, ... in order; position 0 has no score). max_length defaults to the model's context, stride
-    to max_length // 2; batch_size windows of full length run in one forward. Works for GPT2 and GPT4 models."""
-    net, context, vocab_size = _network(model)
+    to max_length // 2; batch_size windows of full length run in one forward. Works for every model that follows
+    the contract (docs/contract.md)."""
+    context, vocab_size = model.config.context_length, model.config.vocab_size
     ids = torch.as_tensor(ids, dtype=torch.long).flatten()
     max_length, stride = check_scoring_args(ids.numel(), context, max_length, stride, batch_size)
     if ids.min() < 0 or ids.max() >= vocab_size:
@@ -85,7 +86,7 @@ def token_logprobs(model: nn.Module, ids: Sequence[int] | torch.Tensor, *, max_l
                 spans[i + len(group)][1] - spans[i + len(group)][0] == group[0][1] - group[0][0]:
             group.append(spans[i + len(group)])
         batch = torch.stack([ids[begin:end] for begin, end, _ in group]).to(device)
-        logprobs = net(batch).float().log_softmax(dim=-1)  # (B, T, V); position t predicts token t + 1
+        logprobs = model(batch).float().log_softmax(dim=-1)  # (B, T, V); position t predicts token t + 1
         predicted = logprobs[:, :-1].gather(-1, batch[:, 1:, None]).squeeze(-1).double()  # (B, T - 1)
         for row, (begin, end, first) in enumerate(group):
             scores = predicted[row, first - begin - 1:].cpu()  # tokens first .. end - 1

@@ -3,13 +3,15 @@
 Endpoints: POST /v1/completions, GET /v1/models, GET /health. The official `openai` client works with it unchanged:
 `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="...").completions.create(model=..., prompt=...)`.
 
-Continuous batching: one thread owns the model and runs one decode step at a time for every active row (up to
-max_batch). A request that arrives while others decode gets a free row at the next step: its prompt is run alone
-(prefill) into a small cache whose keys and values are then copied into its row of the shared cache, right-aligned
-to the column the batch is at, and its earlier columns are masked out. GPT-2 counts positions over the unmasked
-columns only, so every row computes what it would alone. A finished or disconnected row leaves at once and its row
-is free for the next request. When the columns run out, the cache is shifted left past the columns no active row
-uses. GPT4-style runs have no padding mask, so they are served one row at a time.
+Continuous batching, on the model contract (docs/contract.md) alone, so every model file is served the same way:
+one thread owns the model and runs one decode step at a time for every active row (up to max_batch), against one
+shared KV cache whose columns all rows advance together. A request that arrives while others decode is admitted
+between steps into cache row 0 (the row there, if any, is copied to a free row first): its prompt runs in one
+forward at the columns just before the batch's, right-aligned, with every other column of its row masked out. Models
+count positions over the unmasked columns only, so every row computes what it would alone. A step decodes only the
+first rows up to the last one in use (the contract's cache takes fewer rows than it holds). A finished or
+disconnected row leaves at once and its row is free for the next request. When the columns run out, the cache is
+shifted left past the columns no active row uses.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from minhub.generation import _network, check_int, check_sampling_args, sample_next_token
-from minhub.gpt2 import GPT2
+from minhub import speed
+from minhub.generation import check_int, check_sampling_args, sample_next_token
 
 
 class RequestError(ValueError):
@@ -152,29 +154,13 @@ def parse_completion_request(body: Any, served_name: str, tokenizer, context: in
 # The model thread: continuous batching
 
 
-class FirstRows(nn.Module):
-    """The first `rows` rows of a KV cache, written in place like the cache itself (the models' KVCache.update):
-    a step decodes only as many rows as the highest occupied slot needs, not max_batch."""
-
-    def __init__(self, cache: nn.Module, rows: int) -> None:
-        super().__init__()
-        self.k, self.v = cache.k[:rows], cache.v[:rows]
-
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + k.size(2)
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-
 class Scheduler:
     """Owns the model; runs decode steps for every active row, admitting waiting rows between steps."""
 
     def __init__(self, model: nn.Module, max_batch: int, eos_token_id: int | None) -> None:
         self.model, self.eos = model, eos_token_id
-        self.net, self.context, self.vocab_size = _network(model)
-        self.batched = isinstance(model, GPT2)  # GPT4 has no padding mask: one row at a time
-        self.max_batch = max_batch if self.batched else 1
+        self.context, self.vocab_size = model.config.context_length, model.config.vocab_size
+        self.max_batch = max_batch
         self.waiting: queue.Queue[Completion] = queue.Queue()
         self.rows: list[Completion | None] = [None] * self.max_batch
         self.column = 0  # the next cache column every active row writes
@@ -184,9 +170,9 @@ class Scheduler:
 
     def start(self) -> None:
         with torch.inference_mode():
-            self.net.setup_cache(self.max_batch, self.context)
-        self.full = [attn.kv_cache for attn in self._caches()]
-        self.rows_in_use = self.max_batch  # how many cache rows the attention layers see now
+            self.model.setup_cache(self.max_batch, self.context)
+        self.caches = self.model.kv_caches()
+        self.step_forward = speed.decode_step(self.model, self.max_batch, masked=True)
         self.device = next(self.model.parameters()).device
         self.mask = torch.zeros(self.max_batch, self.context, dtype=torch.long, device=self.device)
         self.thread.start()
@@ -197,10 +183,6 @@ class Scheduler:
 
     def submit(self, row: Completion) -> None:
         self.waiting.put(row)
-
-    def _caches(self) -> list[nn.Module]:
-        blocks = self.model.transformer.h if self.batched else self.net.layers
-        return [block.attn for block in blocks]
 
     def _run(self) -> None:
         try:
@@ -235,7 +217,7 @@ class Scheduler:
             if not self._make_room(len(row.prompt_ids), row.max_tokens):
                 return  # it waits until older rows finish
             self.waiting.get()
-            self._prefill(self._free_slots()[0], row)
+            self._prefill(row)
 
     def _make_room(self, prompt_len: int, max_tokens: int) -> bool:
         """Make columns [column - prompt_len, column + max_tokens - 1) available, shifting the cache if needed."""
@@ -259,7 +241,7 @@ class Scheduler:
         """Move every row's columns by `shift` (negative: left); the columns that come free are masked."""
         if shift == 0:
             return
-        for cache in self.full:
+        for cache in self.caches:
             for t in (cache.k, cache.v):
                 t.copy_(torch.roll(t, shift, dims=2))
         self.mask.copy_(torch.roll(self.mask, shift, dims=1))
@@ -272,56 +254,43 @@ class Scheduler:
             if row is not None:
                 row.start += shift
 
-    def _prefill(self, slot: int, row: Completion) -> None:
-        """Run the prompt alone into a one-row cache, copy its keys and values into `slot`, right-aligned to the
-        batch's column, and sample the first token."""
+    def _prefill(self, row: Completion) -> None:
+        """Run the prompt into cache row 0, right-aligned to the batch's column, and sample the first token."""
+        if self.rows[0] is not None:
+            self._move_row(0, self._free_slots()[0])
         P = len(row.prompt_ids)
-        self._use_rows(self.max_batch)  # setup_cache must find the models' own caches
-        try:
-            self.net.setup_cache(1, P)
-            logits = self.net(torch.tensor([row.prompt_ids], device=self.device), 0)[:, -1]
-            small = [attn.kv_cache for attn in self._caches()]
-        finally:
-            self._use_rows(self.max_batch)
-            if self.batched:
-                self.net.cache_len = self.context
-            else:
-                self.net.cache_len, self.net.cache_key = self.context, None
         begin = self.column - P
-        for big, one in zip(self.full, small):
-            big.k[slot, :, begin:self.column] = one.k[0]
-            big.v[slot, :, begin:self.column] = one.v[0]
-        self.mask[slot] = 0
-        self.mask[slot, begin:self.column] = 1
+        self.mask[0] = 0
+        self.mask[0, begin:self.column] = 1
+        prompt = torch.tensor([row.prompt_ids], device=self.device)
+        logits = self.model(prompt, begin, self.mask[:1, :self.column], only_last=True)[:, -1]
         row.start = begin
         if row.seed is not None:
             row.generator = torch.Generator(device=self.device).manual_seed(row.seed)
-        self.rows[slot] = row
-        self._emit(slot, logits[0])
+        self.rows[0] = row
+        self._emit(0, logits[0])
 
-    def _use_rows(self, rows: int) -> None:
-        """Let the attention layers see the first `rows` rows of the cache."""
-        for attn, cache in zip(self._caches(), self.full):
-            attn.kv_cache = cache if rows == self.max_batch else FirstRows(cache, rows)
-        self.rows_in_use = rows
+    def _move_row(self, source: int, target: int) -> None:
+        """Move a row's keys, values, mask and request to another (free) cache row."""
+        for cache in self.caches:
+            cache.k[target] = cache.k[source]
+            cache.v[target] = cache.v[source]
+        self.mask[target] = self.mask[source]
+        self.mask[source] = 0
+        self.rows[target], self.rows[source] = self.rows[source], None
 
     def _step(self) -> None:
         """One token for every active row, fed at the shared column."""
         if self.column >= self.context:  # cannot happen: rows are admitted only with room to finish
             raise RuntimeError("the batch ran out of cache columns")
         b = 1 + max(slot for slot, row in enumerate(self.rows) if row is not None)  # rows this step decodes
-        if b != self.rows_in_use:
-            self._use_rows(b)
         tokens = torch.zeros(b, 1, dtype=torch.long, device=self.device)
         for slot, row in enumerate(self.rows[:b]):
             if row is not None:
                 tokens[slot, 0] = row.generated[-1]
         c = self.column
         self.mask[:b, c] = 1  # every row sees its new token (an empty row sees only that: no all-masked query)
-        if self.batched:
-            logits = self.model(tokens, c, self.mask[:b, :c + 1])[:, -1]
-        else:
-            logits = self.net(tokens, c)[:, -1]
+        logits = self.step_forward(tokens, c, self.mask[:b, :c + 1])[:, -1]
         self.column += 1
         for slot, row in enumerate(self.rows[:b]):
             if row is None:
@@ -582,8 +551,10 @@ def create_app(model: nn.Module, tokenizer, served_name: str, *, max_batch: int 
 
 
 def build_app(model_id: str, revision: str | None = None, *, max_batch: int = 8, dtype: str = "float32",
-              device: str = "cpu", api_key: str | None = None):
-    """Load the model and tokenizer as `minhub generate` does and return the application (for tests and ASGI)."""
+              device: str = "cpu", api_key: str | None = None, compile_batches: bool = False):
+    """Load the model and tokenizer as `minhub generate` does, take the speed path (minhub.speed.optimize;
+    compile_batches: torch.compile the batched decode step, 20-40 s at the first request) and return the application
+    (for tests and ASGI)."""
     from minhub import hardware, hub
     from minhub.tokenizer import tokenizer_from_pretrained
 
@@ -593,13 +564,8 @@ def build_app(model_id: str, revision: str | None = None, *, max_batch: int = 8,
     model = hub.from_pretrained(model_id, revision, dtype=torch_dtype, device=device)
     eos = getattr(model.config, "eos_token_id", None)  # GPT4 runs have none
     tokenizer = tokenizer_from_pretrained(model_id, model.commit_hash or revision)
-    if isinstance(model, GPT2) and torch_dtype == torch.float32 and next(model.parameters()).device.type == "cpu" \
-            and hardware.cpu_info().onednn:
-        from minhub.fast import prepack
-
-        # the server only decodes: weights packed once for oneDNN give the same numbers, and batched decoding
-        # 2.2x as fast as BLAS-only fp32 on an AVX2 EPYC (docs/speed.md)
-        prepack(model, torch.float32, max_batch)
+    # the loader applied the matmul plan; bf16 packing where it is fastest, batched steps compiled when asked
+    speed.optimize(model, weights=speed.weights_for(model), compile_batches=compile_batches)
     return create_app(model, tokenizer, str(model_id), max_batch=max_batch, api_key=api_key, eos_token_id=eos)
 
 

@@ -106,7 +106,7 @@ def dequantized_reference(quantized: nn.Module, reference: nn.Module) -> nn.Modu
     """A copy of the transformers GPT-2 `reference` whose matrices are `quantized`'s int8 weights times their scales
     (exactly, in float32) and whose biases are `quantized`'s: what weight-only int8 should compute, computed by
     transformers. The lm_head gets its own weight (quantize_int8 quantizes the tied one apart from the embedding)."""
-    from minhub.fast import Int8Linear
+    from minhub.speed import Int8Linear
 
     ref = copy.deepcopy(reference)
     with torch.no_grad():

@@ -224,7 +224,7 @@ def test_wrong_input_type(model):
     (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
     (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0"),
     (dict(eos_token_id=99), r"eos_token_id 99 is outside the vocabulary"),
-    (dict(window_shift=16), r"window_shift must be in \[1, n_positions=16\)"),
+    (dict(window_shift=16), r"window_shift must be in \[1, context_length=16\)"),
     (dict(attention_mask=torch.tensor([[1, 1, 0]])), "must be left padding"),
     (dict(attention_mask=torch.tensor([[0, 2, 1]])), "only 0 .padding. and 1"),
     (dict(attention_mask=torch.tensor([[1, 1]])), "attention_mask has shape"),

@@ -17,7 +17,7 @@ from helpers import hf_gpt2, save_checkpoint
 from plans import PLANS, assert_close_in_bf16, bf16_reference, fake_cpu, forced_plan, library
 
 from minhub import generate, gpt2_from_pretrained, hardware, matmul, pad_left
-from minhub.fast import Int8Linear
+from minhub.speed import Int8Linear
 from minhub.matmul import CPULinear, MatmulPlan, minhub_linear
 
 CPU = hardware.cpu_info()

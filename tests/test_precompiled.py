@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import weakref
+from unittest import mock
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -19,8 +20,8 @@ from helpers import hf_gpt2, hub_checkpoint, save_checkpoint
 from plans import (assert_close_in_bf16, bf16_reference, dequantized_reference, fake_cpu, force, kernels_in,
                    per_layer, transformers_greedy)
 
-from minhub import generate, generation, gpt2_from_pretrained, hardware, matmul, pad_left, precompiled
-from minhub.fast import prepack, quantize_int8
+from minhub import generate, gpt2_from_pretrained, hardware, matmul, pad_left, precompiled
+from minhub.speed import PackedLinear, quantize_int8
 from minhub.tokenizer import tokenizer_from_pretrained
 
 CPU = hardware.cpu_info()
@@ -38,10 +39,10 @@ def compiled(monkeypatch):
     monkeypatch.setenv("MINHUB_DECODE", "compiled")
 
 
-def eager(model):
-    """The same model decoding through its eager forward (a registered step takes precedence over the package)."""
-    generation.use_decode_step(model, model.forward)
-    return model
+def eager_generate(model, *args, **kwargs):
+    """generate() through the model's eager forward (MINHUB_DECODE=eager for the call)."""
+    with mock.patch.dict(os.environ, {"MINHUB_DECODE": "eager"}):
+        return generate(model, *args, **kwargs)
 
 
 def step_of(model, batch_size: int = 1, masked: bool = False):
@@ -73,7 +74,7 @@ def test_the_compiled_step_matches_transformers_and_the_eager_engine(checkpoint,
                                            min_new_tokens=35, do_sample=False, pad_token_id=0)
     assert torch.equal(generate(model, prompt, 35, temperature=0), reference)
     assert torch.equal(generate(model, prompt, 60, temperature=0),
-                       generate(eager(gpt2_from_pretrained(checkpoint)), prompt, 60, temperature=0))
+                       eager_generate(gpt2_from_pretrained(checkpoint), prompt, 60, temperature=0))
 
 
 @needs_compiler
@@ -82,8 +83,8 @@ def test_one_package_serves_every_model_of_its_shape_each_with_its_own_weights(c
     a, b = gpt2_from_pretrained(checkpoint), gpt2_from_pretrained(other)
     assert precompiled.step_key(a) == precompiled.step_key(b)
     prompt = torch.tensor([[1, 2, 3]])
-    expected_a = generate(eager(gpt2_from_pretrained(checkpoint)), prompt, 20, temperature=0)
-    expected_b = generate(eager(gpt2_from_pretrained(other)), prompt, 20, temperature=0)
+    expected_a = eager_generate(gpt2_from_pretrained(checkpoint), prompt, 20, temperature=0)
+    expected_b = eager_generate(gpt2_from_pretrained(other), prompt, 20, temperature=0)
     assert not torch.equal(expected_a, expected_b)
     for _ in range(2):  # alternating: each call binds its model's tensors
         assert torch.equal(generate(a, prompt, 20, temperature=0), expected_a)
@@ -95,7 +96,7 @@ def test_one_package_serves_every_model_of_its_shape_each_with_its_own_weights(c
     with torch.no_grad():  # weights changed in place after the first call are the ones the next call reads
         a.transformer.h[0].mlp.c_fc.weight.copy_(b.transformer.h[0].mlp.c_fc.weight)
     assert torch.equal(generate(a, prompt, 20, temperature=0),
-                       generate(eager(a), prompt, 20, temperature=0))
+                       eager_generate(a, prompt, 20, temperature=0))
 
 
 @needs_compiler
@@ -128,7 +129,7 @@ def test_an_unreadable_package_is_built_again(checkpoint, monkeypatch, compiled,
     assert "is unusable" in caplog.text and "building it again" in caplog.text
     prompt = torch.tensor([[4, 5]])
     assert torch.equal(generate(model, prompt, 10, temperature=0),
-                       generate(eager(gpt2_from_pretrained(checkpoint)), prompt, 10, temperature=0))
+                       eager_generate(gpt2_from_pretrained(checkpoint), prompt, 10, temperature=0))
 
 
 def failing_compiler(directory, monkeypatch) -> None:
@@ -158,7 +159,7 @@ def test_where_the_step_cannot_be_built_decoding_is_eager_and_it_is_told_once(ch
     assert [f.name for f in failed.parent.iterdir()] == [failed.name]  # no half-written package left behind
     prompt = torch.tensor([[4, 5]])
     assert torch.equal(generate(model, prompt, 10, temperature=0),
-                       generate(eager(gpt2_from_pretrained(checkpoint)), prompt, 10, temperature=0))
+                       eager_generate(gpt2_from_pretrained(checkpoint), prompt, 10, temperature=0))
     # a later process (here: a fresh per-process table) reads the failure instead of compiling again
     monkeypatch.setattr(precompiled, "_failed", {})
     caplog.clear()
@@ -185,7 +186,7 @@ def test_a_package_that_does_not_take_the_model_is_left_for_the_eager_step(check
         assert step_of(deeper) is None
     assert "does not take this model's tensors" in caplog.text and "decoding eagerly" in caplog.text
     prompt = torch.tensor([[4, 5]])
-    assert torch.equal(generate(deeper, prompt, 10, temperature=0), generate(eager(deeper), prompt, 10, temperature=0))
+    assert torch.equal(generate(deeper, prompt, 10, temperature=0), eager_generate(deeper, prompt, 10, temperature=0))
 
 
 @needs_compiler
@@ -234,7 +235,9 @@ def test_which_calls_get_a_compiled_step(checkpoint, monkeypatch):
     assert step_of(model, batch_size=2) is None  # batches and padded prompts decode eagerly
     assert step_of(model, masked=True) is None
     if CPU.onednn:  # oneDNN's packed weights are no plain tensors to bind
-        assert step_of(prepack(gpt2_from_pretrained(checkpoint), torch.float32)) is None
+        packed = gpt2_from_pretrained(checkpoint)
+        packed.lm_head = PackedLinear(packed.lm_head, torch.float32)
+        assert step_of(packed) is None
     monkeypatch.setenv("MINHUB_DECODE", "fast")
     with pytest.raises(ValueError, match="MINHUB_DECODE='fast': use auto .* eager .* or compiled"):
         step_of(model)

@@ -353,8 +353,9 @@ def test_a_seeded_request_samples_the_same_alone_and_beside_others(server):
     assert beside.result() == alone
 
 
-def test_a_gpt4_run_is_served_one_row_at_a_time(tmp_path):
-    """Reference: x-transformers' greedy generation (no cache) with the weights the server serves."""
+def test_a_gpt4_run_is_served_in_batches_with_x_transformers_tokens(tmp_path):
+    """The GPT4 decoder follows the contract (a padding mask, positions per row), so its rows share the batch.
+    Reference: x-transformers' greedy generation (no cache) with the weights the server serves, each prompt alone."""
     x_transformers = pytest.importorskip("x_transformers")
     from helpers import x_transformers_gpt4
     from starlette.testclient import TestClient
@@ -366,12 +367,11 @@ def test_a_gpt4_run_is_served_one_row_at_a_time(tmp_path):
     (tmp_path / "run" / "tokenizer.json").write_bytes((TOKENIZER_DIR / "tokenizer.json").read_bytes())
     put_in_hub_cache("tests/serve-gpt4", tmp_path / "run")
     app = build_app("tests/serve-gpt4", max_batch=4)
-    assert app.state.scheduler.max_batch == 1
     wrapper = x_transformers.AutoregressiveWrapper(net)
-    with TestClient(app) as http:
-        for prompt in PROMPTS[:3]:
-            response = http.post("/v1/completions", json={"model": "tests/serve-gpt4", "prompt": prompt,
-                                                           "max_tokens": 10, "temperature": 0})
+    with TestClient(app) as http, concurrent.futures.ThreadPoolExecutor(3) as pool:
+        responses = pool.map(lambda prompt: http.post("/v1/completions", json={
+            "model": "tests/serve-gpt4", "prompt": prompt, "max_tokens": 10, "temperature": 0}), PROMPTS[:3])
+        for prompt, response in zip(PROMPTS[:3], responses):
             with one_thread():
                 theirs = wrapper.generate(torch.tensor([TOKENIZER.encode(prompt).ids]), 10, temperature=0.0,
                                           cache_kv=False)
@@ -393,24 +393,15 @@ def test_cli_serve_refuses_a_bad_model_or_batch_in_one_line(capsys):
     assert "--max-batch must be a positive integer" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("onednn", [True, False])
-def test_packing_follows_the_cpu_probe(onednn, monkeypatch):
-    """With oneDNN the server packs its fp32 weights once; a PyTorch without it serves the plain model."""
-    from plans import fake_cpu
+def test_the_server_takes_the_speed_path_of_minhub_generate():
+    """fp32 weights keep the matmul plan's kernels (no packed copy: the plan measures oneDNN on the plain weight)."""
+    from minhub import matmul
 
-    from minhub import hardware
-    from minhub.fast import PackedLinear
-
-    if onednn and not hardware.cpu_info().onednn:
-        pytest.skip(f"needs a PyTorch built with oneDNN; {hardware.cpu_info().describe()}")
-    fake_cpu(monkeypatch, onednn=onednn)
     hub_checkpoint("tests/serve-probe", hf_gpt2(vocab_size=50257, n_embd=16, n_head=2, bos_token_id=50256,
                                                 eos_token_id=50256), tokenizer=True)
     model = build_app("tests/serve-probe", max_batch=2).state.scheduler.model
-    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
-    assert bool(packed) == onednn
-    if not onednn:
-        assert all(isinstance(m, torch.nn.Linear) for m in (model.lm_head, model.transformer.h[0].mlp.c_fc))
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is matmul.CPULinear for m in linears)
 
 
 @pytest.mark.parametrize("plan_name", ["blas", "minhub", "minhub one row + onednn"])

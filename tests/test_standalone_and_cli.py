@@ -91,7 +91,7 @@ def test_cli_reports_errors_without_a_traceback(gpt2_shaped_repo):
 
 
 def test_cli_int8_streams_what_the_quantized_model_generates(gpt2_shaped_repo):
-    from minhub.fast import quantize_int8
+    from minhub.speed import quantize_int8
 
     prompt = "The meaning of life is"
     result = subprocess.run([sys.executable, "-m", "minhub", "generate", gpt2_shaped_repo, prompt, "--int8",
@@ -195,14 +195,14 @@ def test_cli_bfloat16_without_onednn_bf16_takes_the_default_path(gpt2_shaped_rep
 def test_cli_bfloat16_packs_the_weights(gpt2_shaped_repo, capsys):
     from minhub import hardware
     from minhub.cli import main
-    from minhub.fast import prepack
+    from minhub import speed
 
     if not hardware.cpu_info().onednn_bf16:
         pytest.skip(f"needs oneDNN bf16 kernels (AVX-512 BW/VL/DQ or AVX-NE-CONVERT); {hardware.cpu_info().describe()}")
     prompt = "The meaning of life is"
     assert main(["generate", gpt2_shaped_repo, prompt, "--dtype", "bfloat16", "--max-new-tokens", "8",
                  "--temperature", "0", "--ignore-eos"]) == 0
-    model = prepack(gpt2_from_pretrained(gpt2_shaped_repo, dtype=torch.bfloat16), torch.bfloat16)
+    model = speed.optimize(gpt2_from_pretrained(gpt2_shaped_repo, dtype=torch.bfloat16), weights="bf16-packed")
     tokenizer = tokenizer_from_pretrained(gpt2_shaped_repo)
     idx = torch.tensor([tokenizer.encode(prompt).ids])
     out = generate(model, idx, 8, temperature=0)

@@ -1,6 +1,6 @@
-"""The opt-in fast paths (prepacked weights, weight-only int8, compiled decode steps) compute what transformers
-computes in the same precision, under every kernel a matmul plan can pick, and on a CPU that cannot run one they
-refuse before touching the model.
+"""The speed path's options (bf16 packed weights, weight-only int8, compiled batched decode steps) compute what
+transformers computes in the same precision, under every kernel a matmul plan can pick, and on a CPU that cannot run
+one they refuse before touching the model.
 
 Every kernel is forced on any CPU (tests/plans.py): a model whose blocks take different plans runs, in one compiled
 step, each kernel at one row (batch 1) and at 2-16 rows (a batch). References: transformers' GPT-2 in float32, in
@@ -16,8 +16,8 @@ from helpers import hf_gpt2, save_checkpoint
 from plans import (assert_close_in_bf16, bf16_reference, dequantized_reference, fake_cpu, force, kernels_in,
                    per_layer, transformers_greedy)
 
-from minhub import generate, generation, gpt2_from_pretrained, hardware, matmul, pad_left
-from minhub.fast import Int8Linear, PackedLinear, compile_decode, prepack, quantize_int8
+from minhub import generate, gpt2_from_pretrained, hardware, matmul, pad_left, speed
+from minhub.speed import Int8Linear, PackedLinear, compile_decode, prepack, quantize_int8
 
 CPU = hardware.cpu_info()
 pytestmark = pytest.mark.skipif(not CPU.onednn, reason="needs a PyTorch built with oneDNN")
@@ -71,26 +71,9 @@ def linears_taking(model, kernel: str, dtype, one_row: bool) -> int:
 # prepack
 
 
-@pytest.mark.parametrize("batch_size", [1, 4])
-def test_fp32_packed_gives_transformers_logits_and_tokens(checkpoint, reference, batch_size):
-    packed = prepack(gpt2_from_pretrained(checkpoint), torch.float32, batch_size)
-    assert isinstance(packed.lm_head, PackedLinear) and isinstance(packed.transformer.h[0].mlp.c_fc, PackedLinear)
-    idx = torch.randint(0, 101, (batch_size, 40))
-    with torch.inference_mode():
-        assert (packed(idx) - reference(idx).logits).abs().max().item() <= 1e-4
-        assert (stepwise(packed, packed, idx) - reference(idx).logits).abs().max().item() <= 1e-4
-    prompt = idx[:, :6]
-    assert torch.equal(generate(packed, prompt, 30, temperature=0), transformers_greedy(reference, prompt, 30))
-    prompts = [[1, 2, 3], [4]]
-    batched = generate(packed, pad_left(prompts, pad_id=0)[0], 20, temperature=0,
-                       attention_mask=pad_left(prompts, pad_id=0)[1])
-    for row, prompt in zip(batched, prompts):
-        assert torch.equal(row[-20:], transformers_greedy(reference, torch.tensor([prompt]), 20)[0, -20:])
-
-
 @needs_onednn_bf16
 def test_bf16_packed_stays_within_bf16_rounding_of_transformers_bf16(checkpoint, reference):
-    packed = prepack(gpt2_from_pretrained(checkpoint), torch.bfloat16)
+    packed = speed.optimize(gpt2_from_pretrained(checkpoint), weights="bf16-packed")
     assert packed.transformer.wte.weight.dtype == torch.bfloat16
     idx = torch.randint(0, 101, (2, 40))
     rounded, bound = bf16_reference(reference, idx)
@@ -99,26 +82,28 @@ def test_bf16_packed_stays_within_bf16_rounding_of_transformers_bf16(checkpoint,
         assert_close_in_bf16(stepwise(packed, packed, idx), rounded, bound)
 
 
-def test_prepack_refuses_what_it_cannot_do(checkpoint):
+def test_optimize_refuses_what_it_cannot_do(checkpoint):
     model = gpt2_from_pretrained(checkpoint)
-    with pytest.raises(ValueError, match="supports torch.float32 and torch.bfloat16"):
-        prepack(model, torch.float16)
+    with pytest.raises(ValueError, match="weights must be one of .*'int8', 'bf16-packed'.*got 'fp16'"):
+        speed.optimize(model, weights="fp16")
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
-        prepack(model, torch.float32, 0)
+        prepack(model, 0)
+    assert isinstance(model.lm_head, matmul.CPULinear) and model.lm_head.weight.dtype == torch.float32
 
 
 def test_without_onednn_bf16_prepack_bf16_refuses_before_touching_the_model(checkpoint, monkeypatch):
     fake_cpu(monkeypatch, onednn_bf16=False, isa="AVX2", model="an AVX2-only CPU")
     model = gpt2_from_pretrained(checkpoint)
     with pytest.raises(hardware.CPUFeatureError, match=r"AVX-512 \(BW, VL, DQ\) or AVX-NE-CONVERT; this CPU "
-                                                        r"\(an AVX2-only CPU, AVX2\) has neither: use quantize_int8"):
-        prepack(model, torch.bfloat16)
-    assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight.dtype == torch.float32
-    assert isinstance(prepack(model, torch.float32).lm_head, PackedLinear)  # fp32 packing needs no AVX-512
+                                                        r"\(an AVX2-only CPU, AVX2\) has neither: use weights='int8'"):
+        speed.optimize(model, weights="bf16-packed")
+    assert isinstance(model.lm_head, matmul.CPULinear) and model.lm_head.weight.dtype == torch.float32
+    # where bf16 packing is not fastest (no oneDNN bf16), a bf16 model keeps the matmul plan's kernels
+    assert speed.weights_for(model.to(torch.bfloat16)) is None and speed.weights_for(model, int8=True) == "int8"
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# compile_decode, with every kernel at one row and at few rows
+# compile_batches (compile_decode), with every kernel at one row and at few rows
 
 
 @needs_compiler
@@ -128,8 +113,8 @@ def test_a_compiled_fp32_step_runs_every_kernel_with_transformers_numbers(checkp
     assert kernels_in(model, torch.float32, one_row=False) == {"onednn", "minhub", "blas"}
     with torch.inference_mode():  # inference tensors, as the engine's
         idx = torch.randint(0, 101, (1, 30), generator=torch.Generator().manual_seed(1))
-    step = generation.decode_step(model)
-    assert step is not model and generation.decode_step(gpt2_from_pretrained(checkpoint)) is not step
+    step = speed.decode_step(model, 2, True)
+    assert step is not model and speed.decode_step(gpt2_from_pretrained(checkpoint), 2, True) is not step
     with torch.inference_mode():
         assert (stepwise(step, model, idx) - reference(idx).logits).abs().max().item() <= 1e-4
     # 29 compiled steps and the eager first token: block 0 through minhub::linear, the rest through BLAS
@@ -160,7 +145,7 @@ def test_a_compiled_bf16_step_runs_every_kernel_within_bf16_rounding_of_transfor
         assert kernels_in(model, torch.bfloat16, one_row) == {"minhub", "blas"}
     idx = torch.randint(0, 101, (3, 30), generator=torch.Generator().manual_seed(2))
     rounded, bound = bf16_reference(reference, idx)
-    step = generation.decode_step(model)
+    step = speed.decode_step(model, 2, True)
     for row in range(3):  # batch 1: the one-row kernels
         assert_close_in_bf16(stepwise(step, model, idx[row:row + 1]), rounded[row:row + 1], bound)
     # block 0 through minhub::linear at one row, the rest through BLAS
@@ -218,8 +203,10 @@ def test_int8_model_computes_its_dequantized_weights(checkpoint, reference, plan
     int8_within_rounding(quantized, reference, idx)
     ran = counted(stepwise, quantized, quantized, idx)
     assert ran.get("minhub::linear" if on_minhub else "aten::_weight_int8pack_mm") == 13 * 40  # 4 a block, lm_head
-    with pytest.raises(ValueError, match="already packed by prepack"):
-        quantize_int8(prepack(gpt2_from_pretrained(checkpoint), torch.float32))
+    packed = gpt2_from_pretrained(checkpoint)
+    packed.lm_head = PackedLinear(packed.lm_head, torch.float32)
+    with pytest.raises(ValueError, match=r"already packed \(bf16-packed\)"):
+        quantize_int8(packed)
 
 
 @needs_compiler
@@ -228,7 +215,7 @@ def test_a_compiled_int8_step_computes_the_dequantized_weights(checkpoint, refer
     force(monkeypatch, plan_name)
     quantized = compile_decode(quantize_int8(gpt2_from_pretrained(checkpoint)))
     idx = torch.randint(0, 101, (batch, 30))
-    step = generation.decode_step(quantized)
+    step = speed.decode_step(quantized, 2, True)
     int8_within_rounding(quantized, reference, idx, step, masked=batch > 1)
     if quantized.lm_head.use_minhub:  # every int8 matrix through minhub::linear, in the compiled steps too
         assert counted(stepwise, step, quantized, idx, batch > 1).get("minhub::linear") == 13 * 30
@@ -241,16 +228,16 @@ def test_a_compiled_int8_step_computes_the_dequantized_weights(checkpoint, refer
 def test_without_a_compiler_compile_decode_refuses_before_touching_the_model(checkpoint, monkeypatch):
     model = gpt2_from_pretrained(checkpoint)
     fake_cpu(monkeypatch, cxx=None)
-    with pytest.raises(hardware.CPUFeatureError, match="compile_decode needs a C\\+\\+ compiler"):
-        compile_decode(model)
+    with pytest.raises(hardware.CPUFeatureError, match="compile_batches=True needs a C\\+\\+ compiler"):
+        speed.optimize(model, compile_batches=True)
     fake_cpu(monkeypatch, python_headers=False)
     with pytest.raises(hardware.CPUFeatureError, match="Python's C headers"):
         compile_decode(model)
-    assert generation.decode_step(model) is model  # the engine still runs the eager forward
+    assert speed.decode_step(model, 2, True) is model  # the engine still runs the eager forward
 
 
-def test_compile_decode_refuses_what_it_cannot_do(checkpoint):
-    with pytest.raises(ValueError, match="does not combine with prepack"):
-        compile_decode(prepack(gpt2_from_pretrained(checkpoint), torch.float32))
-    with pytest.raises(TypeError, match="compile_decode is for minhub GPT2 models"):
-        compile_decode(torch.nn.Linear(2, 2))
+def test_compile_batches_refuses_bf16_packed_weights(checkpoint):
+    packed = gpt2_from_pretrained(checkpoint)
+    packed.lm_head = PackedLinear(packed.lm_head, torch.float32)
+    with pytest.raises(ValueError, match="does not combine with bf16 packing"):
+        compile_decode(packed)
