@@ -1,13 +1,15 @@
 """minhub: small, readable, single-file language models that load real pretrained weights from the Hugging Face hub.
 
-The model files (gpt2.py, gpt4.py) stand alone; the package adds loading with typed errors (hub.py), one generation
-engine (generation.py), perplexity and token scores (scoring.py), tokenizers (tokenizer.py), CPU fast paths
-(fast.py, hardware.py), training and the CLI.
+The model files (gpt2.py, gpt4.py, llama.py) stand alone and follow one contract (docs/contract.md); the package adds
+loading with typed errors (hub.py), one generation engine (generation.py), perplexity and token scores (scoring.py),
+tokenizers (tokenizer.py) and chat templates (chat.py), the CPU speed path (speed.py, matmul.py, precompiled.py,
+hardware.py), training, the CLI and the server.
 """
 
-from minhub.generation import generate, generate_stream, pad_left, sample_next_token, stream_text
+from minhub.generation import Sampling, generate, generate_stream, pad_left, sample_next_token, stream_text
 from minhub.gpt2 import GPT2, GPT2Config
 from minhub.gpt4 import GPT4, GPT4Config
+from minhub.llama import Llama, LlamaConfig
 from minhub.hardware import CPUFeatureError, DeviceError
 from minhub.hub import (
     CheckpointError,
@@ -16,8 +18,10 @@ from minhub.hub import (
     MissingFileError,
     ModelNotFoundError,
     RevisionNotFoundError,
+    from_pretrained,
     gpt2_from_pretrained,
     gpt4_from_pretrained,
+    llama_from_pretrained,
 )
 from minhub.scoring import Perplexity, perplexity, token_logprobs
 from minhub.tokenizer import tokenizer_from_pretrained
@@ -36,12 +40,17 @@ __all__ = [
     "LoadError",
     "MissingFileError",
     "ModelNotFoundError",
+    "Llama",
+    "LlamaConfig",
     "Perplexity",
     "RevisionNotFoundError",
+    "Sampling",
+    "from_pretrained",
     "generate",
     "generate_stream",
     "gpt2_from_pretrained",
     "gpt4_from_pretrained",
+    "llama_from_pretrained",
     "pad_left",
     "perplexity",
     "sample_next_token",

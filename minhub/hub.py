@@ -21,6 +21,7 @@ import torch
 from minhub import hardware, matmul, speed
 from minhub.gpt2 import CONV1D_WEIGHTS, GPT2, GPT2Config, gpt2_from_state_dict, hub_name_to_minhub
 from minhub.gpt4 import GPT4, GPT4Config
+from minhub.llama import Llama, LlamaConfig, llama_from_state_dict
 
 
 class LoadError(Exception):
@@ -375,16 +376,77 @@ def gpt4_from_pretrained(
     return model.eval()
 
 
+def llama_from_pretrained(
+    identifier: str | os.PathLike,
+    revision: str | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+    force_download: bool = False,
+) -> Llama:
+    """Load a Llama, Qwen2 or Mistral checkpoint (SmolLM2, Llama 3.x, TinyLlama, Qwen2.5, ...) with the errors of
+    gpt2_from_pretrained (whose arguments these are): single or sharded safetensors, stored in any float dtype."""
+    files = _files(identifier, revision, device, cache_dir=cache_dir, local_files_only=local_files_only,
+                   token=token, force_download=force_download)
+    config_dict = read_config(files)
+    try:
+        config = LlamaConfig.from_dict(config_dict)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{files}: {e}") from e
+    config.eos_token_id = stop_ids(files, config.eos_token_id)
+    with torch.device("meta"):
+        expected = {n: p.shape for n, p in Llama(config).state_dict(keep_vars=True).items()}
+    weights = {n: t for n, t in load_state_dict(files).items() if not n.endswith("rotary_emb.inv_freq")}
+    if config.tie_word_embeddings:
+        del expected["lm_head.weight"]
+        weights.pop("lm_head.weight", None)  # some tied checkpoints store the head anyway: it is the embedding
+    check_weights_fit(weights, expected, f"{config.model_type} model")
+    model = llama_from_state_dict(config, weights).to(device=device, dtype=dtype or torch.float32)
+    speed.optimize(model)
+    model.name_or_path, model.commit_hash = files.identifier, files.commit_hash
+    return model.eval()
+
+
+def stop_ids(files: CheckpointFiles, config_eos: int | list[int] | None) -> int | list[int] | None:
+    """The ids that end a generation: generation_config.json's eos_token_id where the repo has one (Llama 3 instruct
+    models list several there), else config.json's."""
+    path = files.get("generation_config.json")
+    if path is None:
+        return config_eos
+    try:
+        eos = json.loads(path.read_text()).get("eos_token_id", config_eos)
+    except (ValueError, UnicodeDecodeError, AttributeError) as e:
+        raise ConfigError(f"{path} is not a valid generation config ({e}): delete it and download it again") from e
+    return config_eos if eos is None else eos
+
+
+LOADERS: dict[str, Callable[..., torch.nn.Module]] = {
+    "gpt2": gpt2_from_pretrained, "minhub-gpt4": gpt4_from_pretrained, "llama": llama_from_pretrained,
+    "qwen2": llama_from_pretrained, "mistral": llama_from_pretrained}
+
+
 def model_type(identifier: str | os.PathLike, revision: str | None = None) -> str:
-    """'gpt2' or 'minhub-gpt4', from the checkpoint's config.json (a directory or a hub repo)."""
+    """config.json's model_type ('gpt2' where it has none, as the oldest GPT-2 repos), from a directory or a repo."""
     return read_config(CheckpointFiles(identifier, revision)).get("model_type", "gpt2")
 
 
 def from_pretrained(identifier: str | os.PathLike, revision: str | None = None, *, dtype: torch.dtype | None = None,
-                    device: str | torch.device | None = None) -> GPT2 | GPT4:
-    """A GPT-2 or a GPT4-style run, whichever the checkpoint's config.json describes (what the CLI loads)."""
-    load = gpt4_from_pretrained if model_type(identifier, revision) == "minhub-gpt4" else gpt2_from_pretrained
-    return load(identifier, revision, dtype=dtype, device=device)
+                    device: str | torch.device | None = None, **hub_options: Any) -> torch.nn.Module:
+    """The model that the checkpoint's config.json describes (its model_type: gpt2, minhub-gpt4, llama, qwen2,
+    mistral), loaded by that family's loader with typed errors and the speed path; ConfigError for any other type.
+
+    identifier: a hub repo id or a local directory; revision: branch, tag or commit; dtype: default float32;
+    device: default the CPU; hub_options: cache_dir, local_files_only, token, force_download (huggingface_hub's).
+    """
+    hardware.check_device(device)
+    kind = read_config(CheckpointFiles(identifier, revision, **hub_options)).get("model_type", "gpt2")
+    if kind not in LOADERS:
+        raise ConfigError(f"{identifier} is a {kind!r} model, which minhub does not implement: it loads "
+                          f"{', '.join(sorted(LOADERS))}")
+    return LOADERS[kind](identifier, revision, dtype=dtype, device=device, **hub_options)
 
 
 def save_pretrained(model: GPT2 | GPT4, directory: str | os.PathLike) -> None:

@@ -84,7 +84,7 @@ def step_for(net: nn.Module, batch_size: int, masked: bool) -> Callable[[torch.T
         return None
     tensors = named_tensors(net)
     if any(t.device.type != "cpu" or t.layout != torch.strided or t.requires_grad and torch.is_grad_enabled()
-           for t in tensors.values()):  # oneDNN's packed weights (minhub.fast.prepack) have no plain storage
+           for t in tensors.values()):  # oneDNN's packed weights (bf16-packed) have no plain storage
         return None
     weight_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
     if mode == "auto" and weight_bytes < MIN_WEIGHT_BYTES:

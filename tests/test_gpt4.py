@@ -74,6 +74,25 @@ def test_cached_decoding_gives_the_logits_of_a_full_recompute(pair):
         assert (cached - ref(seq)).abs().max().item() <= TOL
 
 
+def test_a_left_padded_batch_gives_each_row_what_x_transformers_gives_it_alone(pair):
+    """The contract's padding mask: positions count real tokens (rotary, xPos, ALiBi, absolute embeddings), padding
+    is hidden; the full forward's real positions and cached greedy decoding of the batch equal x-transformers on
+    each prompt alone."""
+    ref, ours = pair
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (9, 3, 6)]
+    idx, mask = minhub.pad_left(prompts, pad_id=0)
+    with torch.no_grad():
+        full = ours(idx, attention_mask=mask)
+        for row, prompt in enumerate(prompts):
+            alone = ref(torch.tensor([prompt]))[0]
+            assert (full[row, -len(prompt):] - alone).abs().max().item() <= TOL
+    batched = minhub.generate(ours, idx, 12, temperature=0, attention_mask=mask)
+    for row, prompt in enumerate(prompts):
+        theirs = x_transformers.AutoregressiveWrapper(ref).generate(torch.tensor([prompt]), 12, temperature=0.0,
+                                                                    cache_kv=False)
+        assert torch.equal(batched[row, -12:], theirs[0])
+
+
 def test_eos_pads_like_x_transformers():
     torch.manual_seed(1)
     ref, ours = reference(**CONFIGS["flash-mqa"])
