@@ -68,7 +68,10 @@ class LlamaConfig:
 
     @property
     def context_length(self) -> int:
-        return self.max_position_embeddings
+        """The most positions the model sees at once: Mistral's sliding window where it is shorter (attention past it
+        is not implemented, so generation slides the window there instead)."""
+        window = self.sliding_window if self.model_type == "mistral" else None
+        return min(self.max_position_embeddings, window or self.max_position_embeddings)
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> LlamaConfig:
@@ -236,13 +239,11 @@ class Llama(nn.Module):
         """Logits (B, T, V) for token ids (B, T). cache_pos: None, or where this chunk's keys go in the KV cache;
         attention_mask: (B, cache_pos + T), 0 for padding; as in minhub's docs/contract.md."""
         T, start, n_ctx = idx.size(1), cache_pos or 0, self.config.context_length
-        window = self.config.sliding_window if self.config.model_type == "mistral" else None  # qwen2's is unused
         if start + T > n_ctx:
-            raise ValueError(f"positions [{start}, {start + T}) do not fit the context window max_position_embeddings="
-                             f"{n_ctx}: keep the last tokens, or use generate(), which slides")
-        if window is not None and start + T > window:
-            raise ValueError(f"{start + T} positions exceed Mistral's sliding_window={window}, which is not "
-                             f"implemented: keep the last {window} tokens")
+            window = "" if n_ctx == self.config.max_position_embeddings else " (Mistral's sliding_window, past which " \
+                "attention is not implemented)"
+            raise ValueError(f"positions [{start}, {start + T}) do not fit the context window of {n_ctx}{window}: keep "
+                             "the last tokens, or use generate(), which slides")
         if cache_pos is not None and start + T > self.cache_len:
             raise ValueError(f"the KV cache holds {self.cache_len} slots but slots [{start}, {start + T}) were asked "
                              "for: call model.setup_cache(batch_size, max_len) with a larger max_len")
@@ -251,9 +252,8 @@ class Llama(nn.Module):
         else:
             pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, start:start + T]  # (B, T) real-token count
         x = self.model.embed_tokens(idx)  # (B, T, C)
-        self.inv_freq = self.inv_freq.to(idx.device)  # the same tensor once on the right device
         # angles in float32; cos and sin cast to the model's dtype, where the rotation is computed, as in transformers
-        freqs = pos[..., None].float() * self.inv_freq  # (B or 1, T, hs/2)
+        freqs = pos[..., None].float() * self.inv_freq.to(idx.device)  # (B or 1, T, hs/2)
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B or 1, 1, T, hs): channels i and i + hs/2 turn alike
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         mask = self._attention_mask(attention_mask, start, T, idx.device)
