@@ -1,9 +1,9 @@
 """minhub: small, readable, single-file language models that load real pretrained weights from the Hugging Face hub.
 
-The model files (gpt2.py, gpt4.py, llama.py) stand alone and follow one contract (docs/contract.md); the package adds
-loading with typed errors (hub.py), one generation engine (generation.py), perplexity and token scores (scoring.py),
-tokenizers (tokenizer.py) and chat templates (chat.py), the CPU speed path (speed.py, matmul.py, precompiled.py,
-hardware.py), training, the CLI and the server.
+The model files (gpt2.py, llama.py, gpt_neox.py, gpt_bigcode.py, gpt4.py) stand alone and follow one contract
+(docs/contract.md); the package adds loading with typed errors (hub.py), one generation engine (generation.py),
+perplexity and token scores (scoring.py), tokenizers (tokenizer.py) and chat templates (chat.py), the CPU speed path
+(speed.py, matmul.py, precompiled.py, hardware.py), training, the CLI and the server.
 """
 
 from minhub.generation import Sampling, generate, generate_stream, pad_left, sample_next_token, stream_text
@@ -21,6 +21,8 @@ from minhub.hub import (
     from_pretrained,
     gpt2_from_pretrained,
     gpt4_from_pretrained,
+    gpt_bigcode_from_pretrained,
+    gpt_neox_from_pretrained,
     llama_from_pretrained,
 )
 from minhub.scoring import Perplexity, perplexity, token_logprobs
@@ -50,6 +52,8 @@ __all__ = [
     "generate_stream",
     "gpt2_from_pretrained",
     "gpt4_from_pretrained",
+    "gpt_bigcode_from_pretrained",
+    "gpt_neox_from_pretrained",
     "llama_from_pretrained",
     "pad_left",
     "perplexity",

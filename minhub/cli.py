@@ -1,5 +1,5 @@
-"""The `minhub` command line: `minhub generate MODEL PROMPT`, `minhub perplexity|score MODEL FILE`, `minhub train`,
-`minhub plot RUN`."""
+"""The `minhub` command line: `minhub generate MODEL PROMPT`, `minhub chat MODEL`, `minhub perplexity|score MODEL FILE`,
+`minhub serve MODEL`, `minhub train`, `minhub plot RUN`."""
 
 from __future__ import annotations
 
@@ -29,38 +29,42 @@ def _check_generate_args(args: argparse.Namespace) -> None:
         hardware.require_compiler("--compile")
 
 
-def generate_command(args: argparse.Namespace) -> int:
-    """Load MODEL (GPT-2 or a GPT4-style run) and its tokenizer from one commit, then stream the continuation of
-    PROMPT to stdout."""
+def _load_for_generation(args: argparse.Namespace, revision: str | None):
+    """MODEL and its tokenizer from one commit, on the speed path `minhub generate` takes; None (the error printed
+    in one line) if an argument, a file or the hardware does not allow it."""
     import torch
 
-    from minhub import hardware, hub
-    from minhub import speed
-    from minhub.generation import stream_text
+    from minhub import hardware, hub, speed
     from minhub.tokenizer import tokenizer_from_pretrained
 
-    dtype = getattr(torch, args.dtype)
     try:
         _check_generate_args(args)
-        model = hub.from_pretrained(args.model, args.revision, dtype=dtype, device=args.device)
-        vocab_size = model.config.vocab_size
-        # GPT4 runs have no end-of-text token
-        eos = None if args.ignore_eos else getattr(model.config, "eos_token_id", None)
+        model = hub.from_pretrained(args.model, revision, dtype=getattr(torch, args.dtype), device=args.device)
         # the model's commit, not the branch name: model and tokenizer come from the same files
-        tokenizer = tokenizer_from_pretrained(args.model, model.commit_hash or args.revision)
+        tokenizer = tokenizer_from_pretrained(args.model, model.commit_hash or revision)
+        if tokenizer.get_vocab_size() > model.config.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
+                             f"{model.config.vocab_size}: they do not belong together")
+        speed.optimize(model, weights=speed.weights_for(model, int8=args.int8), compile_batches=args.compile)
     except (hub.LoadError, ValueError, FileNotFoundError, hardware.CPUFeatureError) as e:
         print(f"minhub: {e}", file=sys.stderr)
+        return None
+    return model, tokenizer
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    """Load MODEL (any family minhub.from_pretrained loads) and its tokenizer from one commit, then stream the
+    continuation of PROMPT to stdout."""
+    import torch
+
+    from minhub.generation import stream_text
+
+    loaded = _load_for_generation(args, args.revision)
+    if loaded is None:
         return 2
-    if tokenizer.get_vocab_size() > vocab_size:
-        print(f"minhub: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model only {vocab_size}: they "
-              "do not belong together", file=sys.stderr)
-        return 2
+    model, tokenizer = loaded
+    eos = None if args.ignore_eos else getattr(model.config, "eos_token_id", None)  # GPT4 runs have none
     device = next(model.parameters()).device
-    try:
-        speed.optimize(model, weights=speed.weights_for(model, int8=args.int8), compile_batches=args.compile)
-    except (ValueError, hardware.CPUFeatureError) as e:
-        print(f"minhub: {e}", file=sys.stderr)
-        return 2
     generator = None if args.seed is None else torch.Generator(device=device).manual_seed(args.seed)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
@@ -74,6 +78,94 @@ def generate_command(args: argparse.Namespace) -> int:
         return 2
     sys.stdout.write("\n")
     return 0
+
+
+def _stream_reply(model, tokenizer, ids: list[int], args: argparse.Namespace, generator) -> str:
+    """Stream the model's reply to the prompt `ids` to stdout as it is sampled, until one of the model's EOS ids or
+    --max-new-tokens, then a newline; return the reply's text (what was printed)."""
+    import torch
+    from tokenizers.decoders import DecodeStream
+
+    from minhub.generation import generate_stream
+
+    context = model.config.context_length
+    if len(ids) >= context:
+        raise ValueError(f"the conversation has grown to {len(ids)} tokens, past the model's context of {context}: "
+                         "start a new one")
+    eos = getattr(model.config, "eos_token_id", None)
+    stops = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+    decoder, new, shown = DecodeStream(skip_special_tokens=True), [], ""
+    idx = torch.tensor([ids], device=next(model.parameters()).device)
+    for token in generate_stream(model, idx, args.max_new_tokens, temperature=args.temperature,
+                                 top_k=args.top_k or None, top_p=args.top_p, eos_token_id=eos, generator=generator):
+        if int(token[0]) in stops:
+            break
+        new.append(int(token[0]))
+        piece = decoder.step(tokenizer, new[-1])
+        if piece:  # None while a character's bytes are incomplete
+            shown += piece
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    reply = tokenizer.decode(new)  # the stream holds back a character left incomplete at the end: print it now
+    sys.stdout.write((reply[len(shown):] if reply.startswith(shown) else "") + "\n")
+    sys.stdout.flush()
+    return reply
+
+
+def _chat_template(args: argparse.Namespace):
+    """(the commit MODEL's files come from, its chat template); None (the error printed in one line) if there is no
+    model or no template."""
+    from minhub import hub
+    from minhub.chat import chat_template_from_pretrained
+
+    try:
+        files = hub.CheckpointFiles(args.model, args.revision)
+        files.require("config.json", "the model's hyper-parameters")  # pins the commit of every later file
+        revision = files.commit_hash or args.revision
+        template = chat_template_from_pretrained(args.model, revision)
+    except (hub.LoadError, ValueError, FileNotFoundError) as e:
+        print(f"minhub: {e}", file=sys.stderr)
+        return None
+    if template is None:
+        print(f"minhub: {args.model} has no chat template (no chat_template.jinja, and none in its "
+              "tokenizer_config.json): it is not a chat model; continue text with `minhub generate`", file=sys.stderr)
+        return None
+    return revision, template
+
+
+def chat_command(args: argparse.Namespace) -> int:
+    """Talk with MODEL in the terminal: each line of stdin is a user turn (until EOF or a line `/exit`); the whole
+    conversation, rendered by the model's chat template, is continued and the reply streamed to stdout."""
+    import torch
+
+    from minhub.tokenizer import chat_ids
+
+    found = _chat_template(args)
+    loaded = None if found is None else _load_for_generation(args, found[0])
+    if loaded is None:
+        return 2
+    (_, template), (model, tokenizer) = found, loaded
+    device = next(model.parameters()).device
+    generator = None if args.seed is None else torch.Generator(device=device).manual_seed(args.seed)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    try:
+        while True:
+            if sys.stdin.isatty():
+                print("> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+            if not line or line.strip() == "/exit":
+                return 0
+            if not line.strip():
+                continue
+            messages.append({"role": "user", "content": line.rstrip("\r\n")})
+            ids = chat_ids(tokenizer, template, messages)  # ChatTemplateError (a ValueError) if it is refused
+            messages.append({"role": "assistant", "content": _stream_reply(model, tokenizer, ids, args, generator)})
+    except ValueError as e:
+        print(f"minhub: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
 
 
 def score_command(args: argparse.Namespace) -> int:
@@ -232,10 +324,10 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_generate_arguments(commands: argparse._SubParsersAction) -> None:
-    gen = commands.add_parser("generate", help="continue a prompt with a GPT-2 checkpoint or a GPT4-style run, "
-                                               "streaming the text")
-    gen.add_argument("model", help="hub repo id (gpt2, gpt2-medium, distilgpt2, org/name) or a local directory "
-                                   "(GPT-2, or a GPT4-style run of minhub train)")
+    gen = commands.add_parser("generate", help="continue a prompt with a GPT-2, Llama, Qwen2 or Mistral checkpoint "
+                                               "or a GPT4-style run, streaming the text")
+    gen.add_argument("model", help="hub repo id (gpt2, HuggingFaceTB/SmolLM2-135M, org/name) or a local directory "
+                                   "(a checkpoint, or a GPT4-style run of minhub train)")
     gen.add_argument("prompt", help="text to continue ('' starts from <|endoftext|>)")
     _add_sampling_arguments(gen)
     _add_revision(gen)
@@ -247,6 +339,19 @@ def _add_generate_arguments(commands: argparse._SubParsersAction) -> None:
                      help="int8 weights, on CPU (minhub.speed, weights='int8'): fastest, least exact")
     _add_compile(gen)
     gen.set_defaults(handler=generate_command)
+
+
+def _add_chat_arguments(commands: argparse._SubParsersAction) -> None:
+    ch = commands.add_parser("chat", help="talk with a chat model in the terminal (its chat template renders the "
+                                          "conversation): one line per turn, /exit or end of input stops")
+    ch.add_argument("model", help="hub repo id or local directory of a model with a chat template")
+    ch.add_argument("--system", default=None, help="a system message that opens the conversation")
+    _add_sampling_arguments(ch)
+    _add_revision(ch)
+    _add_dtype(ch)
+    _add_device(ch)
+    # replies are longer than `generate`'s default; --int8 and --compile are generate's only
+    ch.set_defaults(handler=chat_command, max_new_tokens=256, int8=False, compile=False)
 
 
 def _add_train_hyperparameters(tr: argparse.ArgumentParser) -> None:
@@ -322,7 +427,8 @@ def _add_scoring_arguments(commands: argparse._SubParsersAction, name: str, help
 
 
 def _add_serve_arguments(commands: argparse._SubParsersAction) -> None:
-    sv = commands.add_parser("serve", help="an OpenAI-compatible completions server (pip install 'minhub[serve]')",
+    sv = commands.add_parser("serve", help="an OpenAI-compatible server: completions and chat completions (pip "
+                                           "install 'minhub[serve]')",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sv.add_argument("model", help="hub repo id, commit, or local directory / minhub run")
     _add_revision(sv)
@@ -349,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     # the order of these calls is the order of the subcommands in `minhub --help`
     _add_generate_arguments(commands)
+    _add_chat_arguments(commands)
     _add_train_arguments(commands)
     _add_scoring_arguments(commands, "perplexity",
                            "perplexity of a text file (the strided loop of the transformers guide)")

@@ -21,6 +21,9 @@ import torch
 from minhub import hardware, matmul, speed
 from minhub.gpt2 import CONV1D_WEIGHTS, GPT2, GPT2Config, gpt2_from_state_dict, hub_name_to_minhub
 from minhub.gpt4 import GPT4, GPT4Config
+from minhub.gpt_bigcode import GPTBigCode, GPTBigCodeConfig, gpt_bigcode_from_state_dict
+from minhub.gpt_neox import IGNORED_BUFFERS as NEOX_IGNORED_BUFFERS
+from minhub.gpt_neox import GPTNeoX, GPTNeoXConfig, gpt_neox_from_state_dict
 from minhub.llama import Llama, LlamaConfig, llama_from_state_dict
 
 
@@ -208,7 +211,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
 
 def load_state_dict(files: CheckpointFiles) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors under their stored names: model.safetensors, else the sharded safetensors index,
-    else pytorch_model.bin (unpickled with weights_only=True)."""
+    else pytorch_model.bin or its sharded index (unpickled with weights_only=True)."""
     path = files.get("model.safetensors")
     if path is not None:
         return _read_safetensors([path])
@@ -222,8 +225,16 @@ def load_state_dict(files: CheckpointFiles) -> dict[str, torch.Tensor]:
     path = files.get("pytorch_model.bin")
     if path is not None:
         return _read_pickle(path)
-    raise MissingFileError(f"{files} has no weights: looked for model.safetensors, model.safetensors.index.json and "
-                           f"pytorch_model.bin{files.offline_hint()}")
+    index = files.get("pytorch_model.bin.index.json")
+    if index is not None:  # older large repos (Pythia 6.9B and 12B on early revisions)
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index} is not a valid index (no weight_map): {e}") from e
+        return {name: t for shard in shards
+                for name, t in _read_pickle(files.require(shard, "a weight shard named in the index")).items()}
+    raise MissingFileError(f"{files} has no weights: looked for model.safetensors, model.safetensors.index.json, "
+                           f"pytorch_model.bin and pytorch_model.bin.index.json{files.offline_hint()}")
 
 
 def _names_list(names: list[str] | set[str], limit: int = 12) -> str:
@@ -376,35 +387,52 @@ def gpt4_from_pretrained(
     return model.eval()
 
 
-def llama_from_pretrained(
-    identifier: str | os.PathLike,
-    revision: str | None = None,
-    *,
-    dtype: torch.dtype | None = None,
-    device: str | torch.device | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool = False,
-    token: str | bool | None = None,
-    force_download: bool = False,
-) -> Llama:
-    """Load a Llama, Qwen2 or Mistral checkpoint (SmolLM2, Llama 3.x, TinyLlama, Qwen2.5, ...) with the errors of
-    gpt2_from_pretrained (whose arguments these are): single or sharded safetensors, stored in any float dtype."""
-    files = _files(identifier, revision, device, cache_dir=cache_dir, local_files_only=local_files_only,
-                   token=token, force_download=force_download)
-    config_dict = read_config(files)
+def llama_from_pretrained(identifier: str | os.PathLike, revision: str | None = None, **options: Any) -> Llama:
+    """Load a Llama, Qwen2 or Mistral checkpoint (SmolLM2, Llama 3.x, TinyLlama, Qwen2.5, ...) with the errors and
+    arguments of gpt2_from_pretrained: single or sharded files, stored in any float dtype."""
+    return _family_from_pretrained(identifier, revision, LlamaConfig, Llama, llama_from_state_dict,
+                                   ("rotary_emb.inv_freq",), **options)
+
+
+def gpt_neox_from_pretrained(identifier: str | os.PathLike, revision: str | None = None, **options: Any) -> GPTNeoX:
+    """Load a GPT-NeoX checkpoint (Pythia, with its training steps as revisions "step1000" ..., StableLM-alpha,
+    RedPajama-INCITE) with the errors and arguments of gpt2_from_pretrained."""
+    return _family_from_pretrained(identifier, revision, GPTNeoXConfig, GPTNeoX, gpt_neox_from_state_dict,
+                                   NEOX_IGNORED_BUFFERS, **options)
+
+
+def gpt_bigcode_from_pretrained(identifier: str | os.PathLike, revision: str | None = None,
+                                **options: Any) -> GPTBigCode:
+    """Load a GPT-BigCode checkpoint (SantaCoder, StarCoder, tiny_starcoder) with the errors and arguments of
+    gpt2_from_pretrained."""
+    return _family_from_pretrained(identifier, revision, GPTBigCodeConfig, GPTBigCode, gpt_bigcode_from_state_dict,
+                                   (".attn.bias", ".attn.masked_bias"), **options)
+
+
+def _family_from_pretrained(identifier: str | os.PathLike, revision: str | None, config_class: type,
+                            model_class: type, from_state_dict: Callable, ignored: tuple[str, ...], *,
+                            dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                            **hub_options: Any) -> torch.nn.Module:
+    """A model file's model from a checkpoint: its config (ConfigError), every weight checked against the shapes the
+    config implies (CheckpointError naming the misfits; a tied head may be stored or not, and buffers ending in
+    `ignored` are dropped), then the file's own loading, the stop ids and the speed path."""
+    files = _files(identifier, revision, device, **hub_options)
     try:
-        config = LlamaConfig.from_dict(config_dict)
+        config = config_class.from_dict(read_config(files))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{files}: {e}") from e
     config.eos_token_id = stop_ids(files, config.eos_token_id)
     with torch.device("meta"):
-        expected = {n: p.shape for n, p in Llama(config).state_dict(keep_vars=True).items()}
-    weights = {n: t for n, t in load_state_dict(files).items() if not n.endswith("rotary_emb.inv_freq")}
-    if config.tie_word_embeddings:
-        del expected["lm_head.weight"]
-        weights.pop("lm_head.weight", None)  # some tied checkpoints store the head anyway: it is the embedding
-    check_weights_fit(weights, expected, f"{config.model_type} model")
-    model = llama_from_state_dict(config, weights).to(device=device, dtype=dtype or torch.float32)
+        skeleton = model_class(config)
+    expected = {n: p.shape for n, p in skeleton.state_dict(keep_vars=True).items()}
+    weights = {n: t for n, t in load_state_dict(files).items() if not n.endswith(ignored)}
+    first_name = {}
+    for name, p in skeleton.named_parameters(remove_duplicate=False):
+        if first_name.setdefault(id(p), name) != name:  # a tied weight's second name: the file may leave it out
+            del expected[name]
+            weights.pop(name, None)
+    check_weights_fit(weights, expected, f"{getattr(config, 'model_type', model_class.__name__)} model")
+    model = from_state_dict(config, weights).to(device=device, dtype=dtype or torch.float32)
     speed.optimize(model)
     model.name_or_path, model.commit_hash = files.identifier, files.commit_hash
     return model.eval()
@@ -425,7 +453,8 @@ def stop_ids(files: CheckpointFiles, config_eos: int | list[int] | None) -> int 
 
 LOADERS: dict[str, Callable[..., torch.nn.Module]] = {
     "gpt2": gpt2_from_pretrained, "minhub-gpt4": gpt4_from_pretrained, "llama": llama_from_pretrained,
-    "qwen2": llama_from_pretrained, "mistral": llama_from_pretrained}
+    "qwen2": llama_from_pretrained, "mistral": llama_from_pretrained, "gpt_neox": gpt_neox_from_pretrained,
+    "gpt_bigcode": gpt_bigcode_from_pretrained}
 
 
 def model_type(identifier: str | os.PathLike, revision: str | None = None) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,10 @@ class LlamaConfig:
         rope["rope_theta"] = rope.get("rope_theta") or config.get("rope_theta") or 10000.0
         known = {f.name for f in fields(cls)}
         return cls(**{**{k: v for k, v in config.items() if k in known}, "rope_parameters": rope})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config.json that transformers 5 (rope_parameters holds rope_theta and the scaling) and from_dict read."""
+        return {"architectures": [ARCHITECTURES[self.model_type]], **asdict(self)}
 
 
 def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:

@@ -1,7 +1,10 @@
-"""`minhub serve MODEL`: an OpenAI-compatible completions server with continuous batching (needs `minhub[serve]`).
+"""`minhub serve MODEL`: an OpenAI-compatible server with continuous batching (needs `minhub[serve]`).
 
-Endpoints: POST /v1/completions, GET /v1/models, GET /health. The official `openai` client works with it unchanged:
-`OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="...").completions.create(model=..., prompt=...)`.
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health. The official `openai` client
+works with it unchanged: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="...")`, then
+`.completions.create(model=..., prompt=...)` or `.chat.completions.create(model=..., messages=[...])`. A chat's
+prompt is the model's chat template rendered with the generation prompt, tokenized as transformers'
+apply_chat_template(tokenize=True) tokenizes it; both endpoints share the scheduler, so their rows batch together.
 
 Continuous batching, on the model contract (docs/contract.md) alone, so every model file is served the same way:
 one thread owns the model and runs one decode step at a time for every active row (up to max_batch), against one
@@ -78,16 +81,19 @@ def _field(body: dict, name: str, kinds: tuple, default: Any) -> Any:
     return value
 
 
-KNOWN_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "n", "stream",
-                "logprobs", "echo", "user", "stream_options", "frequency_penalty", "presence_penalty"}
+SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "n", "stream", "user",
+                   "stream_options", "frequency_penalty", "presence_penalty"}
+KNOWN_FIELDS = SAMPLING_FIELDS | {"prompt", "logprobs", "echo"}  # of /v1/completions
+CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "max_completion_tokens"}
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+MESSAGE_FIELDS = ("role", "content", "name")
 
 
-def parse_completion_request(body: Any, served_name: str, tokenizer, context: int, vocab_size: int,
-                             max_n: int) -> dict:
-    """Check a /v1/completions body; return the normalised request, or raise RequestError naming the field."""
+def _check_body(body: Any, known: set[str], served_name: str) -> None:
+    """A JSON object naming only `known` fields and the served model, or RequestError."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
-    unknown = sorted(set(body) - KNOWN_FIELDS)
+    unknown = sorted(set(body) - known)
     if unknown:
         names = [name.encode("utf-8", "backslashreplace").decode() for name in unknown]  # lone surrogates escaped
         raise RequestError(f"unrecognized request argument(s): {', '.join(names)}", param=names[0])
@@ -95,37 +101,39 @@ def parse_completion_request(body: Any, served_name: str, tokenizer, context: in
     if model != served_name:
         raise RequestError(f"the model {model!r} does not exist here: this server serves {served_name!r}",
                            param="model", status=404, code="model_not_found")
+
+
+def _check_text(text: str, what: str, param: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's \ud800 escapes give lone surrogates, which are no text
+        raise RequestError(f"{what} is not valid Unicode text ({e.reason} at {e.start})", param=param) from e
+
+
+def parse_sampling(body: dict, max_n: int, max_tokens_name: str = "max_tokens",
+                   max_tokens_default: int | None = 16) -> dict:
+    """The fields /v1/completions and /v1/chat/completions share, checked: how many tokens (under `max_tokens_name`;
+    None where absent and the default is None), how they are sampled, n, the seed, stop strings, streaming."""
     for name in ("frequency_penalty", "presence_penalty"):
         if _field(body, name, (int, float), 0) != 0:
             raise RequestError(f"'{name}' is not supported (only 0)", param=name)
-    prompt = body.get("prompt")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise RequestError("'prompt' must be a string or a non-empty list of strings", param="prompt")
-    try:
-        for p in prompts:
-            p.encode("utf-8")
-    except UnicodeEncodeError as e:  # JSON's \ud800 escapes give lone surrogates, which are no text
-        raise RequestError(f"a prompt is not valid Unicode text ({e.reason} at {e.start})", param="prompt") from e
-    max_tokens = _field(body, "max_tokens", (int,), 16)
+    max_tokens = _field(body, max_tokens_name, (int,), max_tokens_default)
     temperature = _field(body, "temperature", (int, float), 1.0)
     top_p = _field(body, "top_p", (int, float), 1.0)
     top_k = _field(body, "top_k", (int,), 0)
     seed = _field(body, "seed", (int,), None)
     n = _field(body, "n", (int,), 1)
+    _field(body, "user", (str,), None)
     if seed is not None and not -2**63 <= seed <= 2**63 - max(n, 1):  # choice i samples with seed + i
         raise RequestError(f"'seed' must be in [-2**63, 2**63 - n], got {seed}", param="seed")
-    logprobs = _field(body, "logprobs", (int,), None)
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else (stop or [])
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
         raise RequestError("'stop' must be a non-empty string or a list of up to 4 of them", param="stop")
-    if max_tokens < 1:
-        raise RequestError(f"'max_tokens' must be at least 1, got {max_tokens}", param="max_tokens")
+    if max_tokens is not None and max_tokens < 1:
+        raise RequestError(f"'{max_tokens_name}' must be at least 1, got {max_tokens}", param=max_tokens_name)
     if not 1 <= n <= max_n:
         raise RequestError(f"'n' must be in [1, {max_n}] (the server's --max-batch), got {n}", param="n")
-    if logprobs is not None and not 0 <= logprobs <= 5:
-        raise RequestError(f"'logprobs' must be in [0, 5], got {logprobs}", param="logprobs")
     try:
         check_sampling_args(temperature, top_k or None, top_p)
     except ValueError as e:
@@ -133,21 +141,102 @@ def parse_completion_request(body: Any, served_name: str, tokenizer, context: in
                            if "top_p" in str(e) else "top_k") from e
     if top_k < 0:
         raise RequestError(f"'top_k' must be >= 0 (0: no limit), got {top_k}", param="top_k")
+    return {"max_tokens": max_tokens, "temperature": float(temperature), "top_p": None if top_p >= 1 else float(top_p),
+            "top_k": top_k or None, "seed": seed, "n": n, "stop": stops,
+            "stream": bool(_field(body, "stream", (bool,), False)),
+            "include_usage": bool(_field(_field(body, "stream_options", (dict,), {}), "include_usage", (bool,), False))}
+
+
+def _check_prompt_ids(ids: list[int], max_tokens: int, max_tokens_name: str, context: int, vocab_size: int,
+                      param: str) -> None:
+    if not ids:
+        raise RequestError("a prompt is empty: give at least one token of text", param=param)
+    if len(ids) + max_tokens > context:
+        raise RequestError(f"the prompt has {len(ids)} tokens and {max_tokens_name} is {max_tokens}: together they "
+                           f"must fit the context of {context} tokens", param=max_tokens_name,
+                           code="context_length_exceeded")
+    if max(ids) >= vocab_size:
+        raise RequestError("the prompt encodes to ids outside the model's vocabulary", param=param)
+
+
+def parse_completion_request(body: Any, served_name: str, tokenizer, context: int, vocab_size: int,
+                             max_n: int) -> dict:
+    """Check a /v1/completions body; return the normalised request, or raise RequestError naming the field."""
+    _check_body(body, KNOWN_FIELDS, served_name)
+    prompt = body.get("prompt")
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise RequestError("'prompt' must be a string or a non-empty list of strings", param="prompt")
+    for p in prompts:
+        _check_text(p, "a prompt", "prompt")
+    req = parse_sampling(body, max_n)
+    logprobs = _field(body, "logprobs", (int,), None)
+    if logprobs is not None and not 0 <= logprobs <= 5:
+        raise RequestError(f"'logprobs' must be in [0, 5], got {logprobs}", param="logprobs")
     encoded = [tokenizer.encode(p).ids for p in prompts]
     for ids in encoded:
-        if not ids:
-            raise RequestError("a prompt is empty: give at least one token of text", param="prompt")
-        if len(ids) + max_tokens > context:
-            raise RequestError(f"the prompt has {len(ids)} tokens and max_tokens is {max_tokens}: together they must "
-                               f"fit the context of {context} tokens", param="max_tokens",
-                               code="context_length_exceeded")
-        if max(ids) >= vocab_size:
-            raise RequestError("the prompt encodes to ids outside the model's vocabulary", param="prompt")
-    return {"prompts": prompts, "encoded": encoded, "max_tokens": max_tokens, "temperature": float(temperature),
-            "top_p": None if top_p >= 1 else float(top_p), "top_k": top_k or None, "seed": seed, "n": n,
-            "logprobs": logprobs, "stop": stops, "stream": bool(_field(body, "stream", (bool,), False)),
-            "echo": bool(_field(body, "echo", (bool,), False)),
-            "include_usage": bool(_field(_field(body, "stream_options", (dict,), {}), "include_usage", (bool,), False))}
+        _check_prompt_ids(ids, req["max_tokens"], "max_tokens", context, vocab_size, "prompt")
+    return {**req, "prompts": prompts, "encoded": encoded, "logprobs": logprobs,
+            "echo": bool(_field(body, "echo", (bool,), False))}
+
+
+def _chat_messages(body: dict) -> list[dict]:
+    """The request's messages, each {role, content[, name]} with string values, or RequestError naming the field."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty list of messages like {\"role\": \"user\", \"content\": "
+                           "\"Hello\"}", param="messages")
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise RequestError(f"'{where}' must be an object like {{\"role\": \"user\", \"content\": \"Hello\"}}, "
+                               f"got {json.dumps(message)[:80]}", param=where)
+        unknown = sorted(set(message) - set(MESSAGE_FIELDS))
+        if unknown:
+            name = unknown[0].encode("utf-8", "backslashreplace").decode()
+            raise RequestError(f"'{where}.{name}' is not supported: a message has {', '.join(MESSAGE_FIELDS)}",
+                               param=f"{where}.{name}")
+        if message.get("role") not in CHAT_ROLES:
+            raise RequestError(f"'{where}.role' must be one of {', '.join(CHAT_ROLES)}, got "
+                               f"{json.dumps(message.get('role'))[:80]}", param=f"{where}.role")
+        for key in ("content", "name"):  # content parts (lists) are not supported; name is optional
+            value = message.get(key)
+            if key == "name" and value is None:
+                continue
+            if not isinstance(value, str):
+                raise RequestError(f"'{where}.{key}' must be a string, got {json.dumps(value)[:80]}",
+                                   param=f"{where}.{key}")
+            _check_text(value, f"'{where}.{key}'", f"{where}.{key}")
+    return messages
+
+
+def parse_chat_request(body: Any, served_name: str, tokenizer, chat_template, context: int, vocab_size: int,
+                       max_n: int) -> dict:
+    """Check a /v1/chat/completions body and render its messages with `chat_template` (a minhub.chat.ChatTemplate,
+    or None: a 400) into the prompt's ids as transformers' apply_chat_template(tokenize=True) makes them; return the
+    normalised request (parse_completion_request's fields: one prompt, no echo, no logprobs), or RequestError."""
+    from minhub.chat import ChatTemplateError
+    from minhub.tokenizer import chat_ids
+
+    _check_body(body, CHAT_FIELDS, served_name)
+    if chat_template is None:
+        raise RequestError(f"{served_name} has no chat template (no chat_template.jinja, and none in its "
+                           "tokenizer_config.json), so it cannot render messages: use /v1/completions with a prompt",
+                           param="messages", code="no_chat_template")
+    messages = _chat_messages(body)
+    max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    if max_name == "max_completion_tokens" and body.get("max_tokens") not in (None, body["max_completion_tokens"]):
+        raise RequestError("'max_tokens' and 'max_completion_tokens' differ: give one of them (max_tokens is the "
+                           "older name)", param="max_tokens")
+    req = parse_sampling(body, max_n, max_name, None)
+    try:
+        ids = chat_ids(tokenizer, chat_template, messages)
+    except ChatTemplateError as e:
+        raise RequestError(str(e), param="messages") from e
+    if req["max_tokens"] is None:  # as OpenAI: up to the end of the context
+        req["max_tokens"] = max(context - len(ids), 1)
+    _check_prompt_ids(ids, req["max_tokens"], max_name, context, vocab_size, "messages")
+    return {**req, "prompts": [""], "encoded": [ids], "logprobs": None, "echo": False}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -157,7 +246,7 @@ def parse_completion_request(body: Any, served_name: str, tokenizer, context: in
 class Scheduler:
     """Owns the model; runs decode steps for every active row, admitting waiting rows between steps."""
 
-    def __init__(self, model: nn.Module, max_batch: int, eos_token_id: int | None) -> None:
+    def __init__(self, model: nn.Module, max_batch: int, eos_token_id: int | list[int] | None) -> None:
         self.model, self.eos = model, eos_token_id
         self.context, self.vocab_size = model.config.context_length, model.config.vocab_size
         self.max_batch = max_batch
@@ -384,37 +473,57 @@ class InFlight:
     """One completions request while it decodes: its choices (n per prompt), the rows it hands the scheduler, and
     the events the model thread sends back for them, turned into OpenAI's payloads (whole, or streamed)."""
 
-    def __init__(self, req: dict[str, Any], tokenizer, served_name: str, eos_token_id: int | None) -> None:
+    ID_PREFIX, OBJECT, CHUNK_OBJECT = "cmpl-", "text_completion", "text_completion"
+
+    def __init__(self, req: dict[str, Any], tokenizer, served_name: str, eos_token_id: int | list[int] | None) -> None:
         loop = asyncio.get_running_loop()
         self.req, self.served_name = req, served_name
-        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.id = f"{self.ID_PREFIX}{uuid.uuid4().hex}"
         self.events: asyncio.Queue = asyncio.Queue()
         self.choices: list[Choice] = []
         self.rows: list[Completion] = []
+        stop_ids = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) \
+            else set(eos_token_id)
         for prompt, ids in zip(req["prompts"], req["encoded"]):
             for i in range(req["n"]):
                 self.choices.append(Choice(tokenizer, prompt, req["stop"], req["echo"], req["logprobs"]))
                 seed = None if req["seed"] is None else req["seed"] + i
                 self.rows.append(Completion(ids, req["max_tokens"], req["temperature"], req["top_k"], req["top_p"],
-                                            seed, req["logprobs"], {eos_token_id} if eos_token_id is not None
-                                            else set(), self._deliverer(loop, len(self.rows))))
+                                            seed, req["logprobs"], stop_ids, self._deliverer(loop, len(self.rows))))
 
     def _deliverer(self, loop: asyncio.AbstractEventLoop, index: int) -> Callable[[tuple], None]:
         def deliver(event: tuple) -> None:  # called by the model thread
             loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
         return deliver
 
-    def payload(self, texts: list[tuple[int, str, str | None]], with_usage: bool) -> dict[str, Any]:
-        """A completion object (or, without usage, a stream chunk) holding `texts`: (choice index, text, finish)."""
-        out = {"id": self.id, "object": "text_completion", "created": int(time.time()), "model": self.served_name,
-               "choices": [{"index": i, "text": t, "logprobs": self.choices[i].logprobs if with_usage else None,
-                            "finish_reason": f} for i, t, f in texts]}
+    def envelope(self, kind: str, choices: list[dict], with_usage: bool) -> dict[str, Any]:
+        """A response object of `kind` (OBJECT or CHUNK_OBJECT) holding `choices`, with the usage if asked."""
+        out = {"id": self.id, "object": kind, "created": int(time.time()), "model": self.served_name,
+               "choices": choices}
         if with_usage:
             prompt_tokens = sum(len(ids) for ids in self.req["encoded"])
             completion_tokens = sum(len(c.ids) for c in self.choices)
             out["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                             "total_tokens": prompt_tokens + completion_tokens}
         return out
+
+    def result(self) -> dict[str, Any]:
+        """The whole response, once every choice has ended."""
+        return self.envelope(self.OBJECT, [{"index": i, "text": c.prefix + c.text, "logprobs": c.logprobs,
+                                            "finish_reason": c.finish_reason}
+                                           for i, c in enumerate(self.choices)], True)
+
+    def _chunk(self, index: int, text: str, finish: str | None) -> dict[str, Any]:
+        return self.envelope(self.CHUNK_OBJECT, [{"index": index, "text": text, "logprobs": None,
+                                                  "finish_reason": finish}], False)
+
+    def opening_chunks(self) -> list[dict[str, Any]]:
+        """The stream's chunks before any token: each choice's echoed prompt."""
+        return [self._chunk(i, c.prefix, None) for i, c in enumerate(self.choices) if c.prefix]
+
+    def chunks(self, index: int, piece: str, finish: str | None) -> list[dict[str, Any]]:
+        """The stream's chunks for choice `index`'s new text `piece`, and its finish reason once it has ended."""
+        return [self._chunk(index, piece, finish)] if piece or finish else []
 
     async def finished_events(self):
         """(choice index, "token" or "end") as the model thread hands them over, until every choice has ended.
@@ -452,32 +561,51 @@ class InFlight:
         except asyncio.CancelledError:
             self.cancel()
             raise
-        for c in self.choices:
-            c.text = c.prefix + c.text
-        return JSONResponse(self.payload([(i, c.text, c.finish_reason) for i, c in enumerate(self.choices)], True))
+        return JSONResponse(self.result())
 
     async def stream(self):
-        """Server-sent events: each choice's echoed prompt, its text as it comes, the finish reason, [DONE]."""
+        """Server-sent events: the opening chunks, each choice's text as it comes, the finish reasons, [DONE]."""
         try:
-            for i, c in enumerate(self.choices):
-                if c.prefix:
-                    yield f"data: {json.dumps(self.payload([(i, c.prefix, None)], False))}\n\n"
+            for chunk in self.opening_chunks():
+                yield f"data: {json.dumps(chunk)}\n\n"
             async for index, kind in self.finished_events():
                 c = self.choices[index]
-                piece = c.new_text()
-                if piece or kind == "end":
-                    chunk = self.payload([(index, piece, c.finish_reason if kind == "end" else None)], False)
+                for chunk in self.chunks(index, c.new_text(), c.finish_reason if kind == "end" else None):
                     yield f"data: {json.dumps(chunk)}\n\n"
             if self.req["include_usage"]:  # OpenAI's stream_options: one last chunk with no choices and the usage
-                yield f"data: {json.dumps(self.payload([], True))}\n\n"
+                yield f"data: {json.dumps(self.envelope(self.CHUNK_OBJECT, [], True))}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             self.cancel()  # a client that went away frees its rows at the next step
 
 
+class ChatInFlight(InFlight):
+    """One chat completions request: InFlight's rows and events in the chat formats, the whole reply as an
+    assistant message, or chunks of deltas: the role first, then the content as it comes, then the finish reason."""
+
+    ID_PREFIX, OBJECT, CHUNK_OBJECT = "chatcmpl-", "chat.completion", "chat.completion.chunk"
+
+    def result(self) -> dict[str, Any]:
+        return self.envelope(self.OBJECT, [{"index": i, "message": {"role": "assistant", "content": c.text},
+                                            "logprobs": None, "finish_reason": c.finish_reason}
+                                           for i, c in enumerate(self.choices)], True)
+
+    def _delta(self, index: int, delta: dict[str, str], finish: str | None) -> dict[str, Any]:
+        return self.envelope(self.CHUNK_OBJECT, [{"index": index, "delta": delta, "logprobs": None,
+                                                  "finish_reason": finish}], False)
+
+    def opening_chunks(self) -> list[dict[str, Any]]:
+        return [self._delta(i, {"role": "assistant", "content": ""}, None) for i in range(len(self.choices))]
+
+    def chunks(self, index: int, piece: str, finish: str | None) -> list[dict[str, Any]]:
+        return ([self._delta(index, {"content": piece}, None)] if piece else []) + \
+            ([self._delta(index, {}, finish)] if finish else [])
+
+
 def create_app(model: nn.Module, tokenizer, served_name: str, *, max_batch: int = 8, api_key: str | None = None,
-               eos_token_id: int | None = None):
-    """The Starlette application serving `model` (already loaded) under the name `served_name`."""
+               eos_token_id: int | list[int] | None = None, chat_template=None):
+    """The Starlette application serving `model` (already loaded) under the name `served_name`; chat_template (a
+    minhub.chat.ChatTemplate, or None: the model has none) renders the messages of /v1/chat/completions."""
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, StreamingResponse
@@ -505,7 +633,8 @@ def create_app(model: nn.Module, tokenizer, served_name: str, *, max_batch: int 
         return JSONResponse({"object": "list", "data": [{"id": served_name, "object": "model", "created": created,
                                                          "owned_by": "minhub"}]})
 
-    async def completions(request: Request):
+    async def run(request: Request, parse: Callable[[Any], dict], kind: type[InFlight]):
+        """Answer a (chat) completions request: `parse` checks its body, `kind` decodes it on the scheduler."""
         if not authorised(request):
             return unauthorised()
         try:
@@ -517,45 +646,55 @@ def create_app(model: nn.Module, tokenizer, served_name: str, *, max_batch: int 
                                            "server", "type": "server_error", "param": None, "code": None}},
                                 status_code=500)
         try:
-            req = parse_completion_request(body, served_name, tokenizer, scheduler.context, scheduler.vocab_size,
-                                           scheduler.max_batch)
+            req = parse(body)
         except RequestError as e:
             return error(e)
-        run = InFlight(req, tokenizer, served_name, eos_token_id)
-        for row in run.rows:
+        flight = kind(req, tokenizer, served_name, eos_token_id)
+        for row in flight.rows:
             scheduler.submit(row)
         if req["stream"]:
-            return StreamingResponse(run.stream(), media_type="text/event-stream")
-        return await run.whole(request)
+            return StreamingResponse(flight.stream(), media_type="text/event-stream")
+        return await flight.whole(request)
 
-    async def on_startup() -> None:
-        scheduler.start()
+    async def completions(request: Request):
+        return await run(request, lambda body: parse_completion_request(
+            body, served_name, tokenizer, scheduler.context, scheduler.vocab_size, scheduler.max_batch), InFlight)
 
-    async def on_shutdown() -> None:
-        scheduler.stop()
-
-    from contextlib import asynccontextmanager
-
-    @asynccontextmanager
-    async def lifespan(app):
-        await on_startup()
-        try:
-            yield
-        finally:
-            await on_shutdown()
+    async def chat_completions(request: Request):
+        return await run(request, lambda body: parse_chat_request(
+            body, served_name, tokenizer, chat_template, scheduler.context, scheduler.vocab_size,
+            scheduler.max_batch), ChatInFlight)
 
     app = Starlette(routes=[Route("/health", health), Route("/v1/models", models),
-                            Route("/v1/completions", completions, methods=["POST"])], lifespan=lifespan)
+                            Route("/v1/completions", completions, methods=["POST"]),
+                            Route("/v1/chat/completions", chat_completions, methods=["POST"])],
+                    lifespan=_lifespan(scheduler))
     app.state.scheduler = scheduler
     return app
 
 
+def _lifespan(scheduler: Scheduler):
+    """The app's lifespan: the model thread runs while the app does."""
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        scheduler.start()
+        try:
+            yield
+        finally:
+            scheduler.stop()
+
+    return lifespan
+
+
 def build_app(model_id: str, revision: str | None = None, *, max_batch: int = 8, dtype: str = "float32",
               device: str = "cpu", api_key: str | None = None, compile_batches: bool = False):
-    """Load the model and tokenizer as `minhub generate` does, take the speed path (minhub.speed.optimize;
-    compile_batches: torch.compile the batched decode step, 20-40 s at the first request) and return the application
-    (for tests and ASGI)."""
+    """Load the model, tokenizer and chat template as `minhub generate` does, take the speed path
+    (minhub.speed.optimize; compile_batches: torch.compile the batched decode step, 20-40 s at the first request) and
+    return the application (for tests and ASGI)."""
     from minhub import hardware, hub
+    from minhub.chat import chat_template_from_pretrained
     from minhub.tokenizer import tokenizer_from_pretrained
 
     check_int("--max-batch", max_batch, 1)
@@ -564,9 +703,11 @@ def build_app(model_id: str, revision: str | None = None, *, max_batch: int = 8,
     model = hub.from_pretrained(model_id, revision, dtype=torch_dtype, device=device)
     eos = getattr(model.config, "eos_token_id", None)  # GPT4 runs have none
     tokenizer = tokenizer_from_pretrained(model_id, model.commit_hash or revision)
+    chat_template = chat_template_from_pretrained(model_id, model.commit_hash or revision)  # None if it has none
     # the loader applied the matmul plan; bf16 packing where it is fastest, batched steps compiled when asked
     speed.optimize(model, weights=speed.weights_for(model), compile_batches=compile_batches)
-    return create_app(model, tokenizer, str(model_id), max_batch=max_batch, api_key=api_key, eos_token_id=eos)
+    return create_app(model, tokenizer, str(model_id), max_batch=max_batch, api_key=api_key, eos_token_id=eos,
+                      chat_template=chat_template)
 
 
 class BackgroundServer:

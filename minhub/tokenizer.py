@@ -1,9 +1,10 @@
 """Tokenizers of hub checkpoints, as `tokenizers.Tokenizer` objects (fast, Rust): a repo's tokenizer.json, or GPT-2's
-byte-level BPE built from vocab.json + merges.txt."""
+byte-level BPE built from vocab.json + merges.txt; and the token ids of a conversation rendered by a chat template."""
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from minhub.hub import CheckpointFiles, MissingFileError
 
@@ -37,3 +38,16 @@ def tokenizer_from_pretrained(
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
     return tokenizer
+
+
+def chat_ids(tokenizer, template, messages: list[dict], *, add_generation_prompt: bool = True,
+             **extra: Any) -> list[int]:
+    """The token ids of `messages` rendered by `template` (a minhub.chat.ChatTemplate), as transformers'
+    `apply_chat_template(messages, add_generation_prompt=..., tokenize=True)` makes them.
+
+    The rendered text is encoded without the tokenizer's special tokens (add_special_tokens=False, as transformers
+    does): a template writes its own BOS where the model wants one ({{ bos_token }}), and the post-processor adding
+    it again would give two. extra: more template variables (see ChatTemplate.render); ChatTemplateError if the
+    template refuses the conversation."""
+    text = template.render(messages, add_generation_prompt=add_generation_prompt, **extra)
+    return tokenizer.encode(text, add_special_tokens=False).ids
