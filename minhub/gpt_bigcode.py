@@ -129,7 +129,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTBigCodeConfig) -> None:
         super().__init__()
-        n_inner = 4 * config.n_embd
+        n_inner = config.n_inner or 4 * config.n_embd
         self.c_fc, self.c_proj = nn.Linear(config.n_embd, n_inner), nn.Linear(n_inner, config.n_embd)
         self.act, self.resid_pdrop = ACTIVATIONS[config.activation_function], config.resid_pdrop
 

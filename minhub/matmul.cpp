@@ -338,8 +338,8 @@ __attribute__((always_inline)) inline float dot8(const float* q, const T* k, int
   return sum;
 }
 
-struct Heads {  // q (B, H, 1, D), k and v (B, H, L, D) with any strides but the last; y (B, H, 1, D) contiguous
-  int64_t heads_per_batch, L, D;
+struct Heads {  // q (B, H, 1, D), k and v (B, H / group, L, D) with any strides but the last; y (B, H, 1, D)
+  int64_t heads_per_batch, group, L, D;  // query head h reads key/value head h / group (grouped-query attention)
   int64_t q_b, q_h, k_b, k_h, k_l, v_b, v_h, v_l;
   float scale;
 };
@@ -351,8 +351,8 @@ __attribute__((always_inline)) inline void attend_heads(const Heads& a, const T*
   for (int64_t bh = first; bh < last; ++bh) {
     const int64_t b = bh / a.heads_per_batch, h = bh % a.heads_per_batch;
     const T* qh = q + b * a.q_b + h * a.q_h;
-    const T* kh = k + b * a.k_b + h * a.k_h;
-    const T* vh = v + b * a.v_b + h * a.v_h;
+    const T* kh = k + b * a.k_b + h / a.group * a.k_h;
+    const T* vh = v + b * a.v_b + h / a.group * a.v_h;
     for (int64_t c = 0; c < a.D; ++c) qf[c] = static_cast<float>(qh[c]);
     float top = -std::numeric_limits<float>::infinity();
     for (int64_t l = 0; l < a.L; ++l) {
@@ -399,13 +399,13 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype, "minhub::attend: q, k and v in one dtype");
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "minhub::attend: CPU tensors");
   TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "minhub::attend: one query, q of shape (B, H, 1, D), not ", q.sizes());
-  TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(1) == q.size(1) &&
-                  k.size(3) == q.size(3) && k.size(2) > 0,
-              "minhub::attend: k and v of shape (B, H, L > 0, D) for q of ", q.sizes(), ", not ", k.sizes(), " and ",
-              v.sizes());
+  TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(1) > 0 &&
+                  q.size(1) % k.size(1) == 0 && k.size(3) == q.size(3) && k.size(2) > 0,
+              "minhub::attend: k and v of shape (B, H / group, L > 0, D) for q of ", q.sizes(), ", not ", k.sizes(),
+              " and ", v.sizes());
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
               "minhub::attend: the last dimension of q, k and v contiguous");
-  const Heads a{q.size(1), k.size(2), q.size(3), q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+  const Heads a{q.size(1), q.size(1) / k.size(1), k.size(2), q.size(3), q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), static_cast<float>(scale)};
   at::Tensor y = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   const bool avx2 = !portable && cpu_has_avx2();

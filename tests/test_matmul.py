@@ -92,19 +92,22 @@ def test_minhub_linear_refuses_what_it_cannot_multiply():
 
 @pytest.mark.parametrize("portable", [False, True], ids=["avx2-where-present", "portable"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("batch,heads,keys,head_size", [(1, 12, 1, 64), (1, 12, 70, 64), (2, 3, 5, 13),
-                                                        (1, 4, 600, 32)])
-def test_minhub_attend_equals_float64_attention(dtype, portable, batch, heads, keys, head_size):
+@pytest.mark.parametrize("batch,heads,kv_heads,keys,head_size", [(1, 12, 12, 1, 64), (1, 12, 12, 70, 64),
+                                                                 (2, 3, 3, 5, 13), (1, 4, 4, 600, 32),
+                                                                 (2, 9, 3, 40, 64), (1, 4, 1, 33, 16)])
+def test_minhub_attend_equals_float64_attention(dtype, portable, batch, heads, kv_heads, keys, head_size):
     library()
-    # keys and values as a decode step reads them: the first slots of a longer (B, H, slots, D) KV cache
-    cache_k = torch.randn(batch, heads, keys + 7, head_size).to(dtype)
-    cache_v = torch.randn(batch, heads, keys + 3, head_size).to(dtype)  # other strides than the keys
+    # keys and values as a decode step reads them: the first slots of a longer (B, H, slots, D) KV cache; fewer
+    # key/value heads than query heads: grouped-query attention (SDPA's enable_gqa grouping)
+    cache_k = torch.randn(batch, kv_heads, keys + 7, head_size).to(dtype)
+    cache_v = torch.randn(batch, kv_heads, keys + 3, head_size).to(dtype)  # other strides than the keys
     q = torch.randn(batch, 1, heads, head_size).to(dtype).transpose(1, 2)  # (B, H, 1, D), not contiguous
     k, v = cache_k[:, :, :keys], cache_v[:, :, :keys]
     scale = head_size ** -0.5
     with torch.inference_mode():
         out = torch.ops.minhub.attend(q, k, v, scale, portable)
-    exact = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=scale)
+    exact = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=scale,
+                                                             enable_gqa=kv_heads != heads)
     assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
     # float32 sums, then (bf16) the output's rounding
     tolerance = 1e-5 if dtype == torch.float32 else 1e-5 + 2 ** -8 * exact.abs()
@@ -120,6 +123,8 @@ def test_minhub_attend_refuses_what_it_cannot_attend():
         torch.ops.minhub.attend(q, k, torch.randn(1, 4, 6, 8), 1.0)
     with pytest.raises(RuntimeError, match="k and v of shape"):
         torch.ops.minhub.attend(q, torch.randn(1, 4, 0, 8), torch.randn(1, 4, 0, 8), 1.0)
+    with pytest.raises(RuntimeError, match="k and v of shape"):  # 4 query heads do not share 3 key heads evenly
+        torch.ops.minhub.attend(q, torch.randn(1, 3, 5, 8), torch.randn(1, 3, 5, 8), 1.0)
     with pytest.raises(RuntimeError, match="in one dtype"):
         torch.ops.minhub.attend(q, k.bfloat16(), k, 1.0)
     with pytest.raises(RuntimeError, match="last dimension"):
