@@ -406,7 +406,7 @@ def gpt_bigcode_from_pretrained(identifier: str | os.PathLike, revision: str | N
     """Load a GPT-BigCode checkpoint (SantaCoder, StarCoder, tiny_starcoder) with the errors and arguments of
     gpt2_from_pretrained."""
     return _family_from_pretrained(identifier, revision, GPTBigCodeConfig, GPTBigCode, gpt_bigcode_from_state_dict,
-                                   (".attn.bias", ".attn.masked_bias"), **options)
+                                   (".attn.bias", ".attn.masked_bias", "transformer.bias"), **options)
 
 
 def _family_from_pretrained(identifier: str | os.PathLike, revision: str | None, config_class: type,
@@ -478,22 +478,28 @@ def from_pretrained(identifier: str | os.PathLike, revision: str | None = None, 
     return LOADERS[kind](identifier, revision, dtype=dtype, device=device, **hub_options)
 
 
-def save_pretrained(model: GPT2 | GPT4, directory: str | os.PathLike) -> None:
-    """Write config.json and model.safetensors, which the loaders here (and, for GPT-2, transformers) read.
+def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> None:
+    """Write config.json and model.safetensors, which from_pretrained and, for the hub's families, transformers read.
 
-    GPT-2 in the hub's layout (save_pretrained's: `transformer.` prefix, Conv1D weights stored (in, out), the tied
-    lm_head left out); GPT4 by its own save_pretrained."""
-    if isinstance(model, GPT4):
+    A model that saves itself (GPT4) does; GPT-2 is stored in the hub's layout (save_pretrained's: `transformer.`
+    prefix, Conv1D weights stored (in, out)); every other family under its own names, which mirror the hub's. A tied
+    weight is stored once, under its first name (the tied lm_head is left out, as transformers' save_pretrained does
+    and expects); config.json is the config's to_dict() (TypeError for a config without one)."""
+    if hasattr(model, "save_pretrained"):
         model.save_pretrained(directory)
         return
+    if not hasattr(model.config, "to_dict"):
+        raise TypeError(f"{type(model).__name__} cannot be saved: its config has no to_dict() for config.json")
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+    state, stored = {}, set()
+    for name, tensor in model.state_dict(keep_vars=True).items():  # keep_vars: a tied weight is one object
+        if id(tensor) in stored:
             continue
-        state[name] = (tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor).detach().contiguous().cpu()
+        stored.add(id(tensor))
+        transposed = isinstance(model, GPT2) and name.endswith(CONV1D_WEIGHTS)
+        state[name] = (tensor.t() if transposed else tensor).detach().contiguous().cpu()
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")

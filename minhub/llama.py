@@ -263,8 +263,7 @@ class Llama(nn.Module):
         mask = self._attention_mask(attention_mask, start, T, idx.device)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache_pos)
-        x = x[:, -1:] if only_last else x
-        return self.lm_head(self.model.norm(x))  # (B, T, V)
+        return self.lm_head(self.model.norm(x[:, -1:] if only_last else x))  # (B, T or 1, V)
 
     @staticmethod
     def _attention_mask(attention_mask: torch.Tensor | None, start: int, T: int, device) -> torch.Tensor | None:
@@ -276,8 +275,7 @@ class Llama(nn.Module):
         k_slot = torch.arange(L, device=device)[None, :]  # (1, L)
         mask = k_slot <= q_slot  # (T, L) causal
         if attention_mask is not None:
-            # a padding slot may see only itself: a query row with every key masked would give NaN, and NaN times
-            # a zero attention weight is still NaN in the real rows
+            # a padding slot sees only itself: a query with every key masked gives NaN, which a zero weight keeps
             mask = (mask & attention_mask[:, None, None, :L].bool()) | (k_slot == q_slot)  # (B, 1, T, L)
         return mask
 
@@ -303,8 +301,7 @@ def llama_from_pretrained(identifier: str | os.PathLike = "HuggingFaceTB/SmolLM2
                           *, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> Llama:
     """Load a Llama, Qwen2 or Mistral checkpoint from a hub repo id or a local directory: config.json and
     model.safetensors, or model.safetensors.index.json and its shards; converted to `dtype` (default float32)."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub import errors, hf_hub_download
     from safetensors.torch import load_file
     local, repo = Path(identifier).expanduser(), str(identifier)
 
@@ -314,7 +311,7 @@ def llama_from_pretrained(identifier: str | os.PathLike = "HuggingFaceTB/SmolLM2
     config = LlamaConfig.from_dict(json.loads(fetch("config.json").read_text()))
     try:
         state_dict = load_file(fetch("model.safetensors"))
-    except (FileNotFoundError, EntryNotFoundError):  # sharded: the index names the file holding each weight
+    except (FileNotFoundError, errors.EntryNotFoundError):  # sharded: the index names the file holding each weight
         shards = sorted(set(json.loads(fetch("model.safetensors.index.json").read_text())["weight_map"].values()))
         state_dict = {name: t for shard in shards for name, t in load_file(fetch(shard)).items()}
     return llama_from_state_dict(config, state_dict).to(device=device, dtype=dtype or torch.float32).eval()

@@ -1,9 +1,11 @@
-"""Train a GPT-2 or GPT4-style model on a text file, from scratch (`minhub train --data input.txt --out runs/x`) or
-from a pretrained GPT-2 (`--init-from gpt2`: its weights, shape and tokenizer).
+"""Train a GPT-2 or GPT4-style model on a text file, from scratch (`minhub train --data input.txt --out runs/x`), or
+fine-tune any model `minhub.from_pretrained` loads (`--init-from gpt2`, `--init-from HuggingFaceTB/SmolLM2-135M`:
+its weights, shape and tokenizer).
 
-The run directory ends up holding what `gpt2_from_pretrained` / `GPT4.from_pretrained` load (config.json,
-model.safetensors, tokenizer.json), plus `train_state.pt` (model, optimizer, step, random states) for `--resume`,
-`log.jsonl` (train/val loss every eval) and the tokenized data (`train.bin`, `val.bin`, `data.json`).
+The run directory ends up holding what `minhub.from_pretrained` (and, for the hub's families, transformers) loads
+(config.json, model.safetensors, tokenizer.json, and a base's other tokenizer files), plus `train_state.pt` (model,
+optimizer, step, random states) for `--resume`, `log.jsonl` (train/val loss every eval) and the tokenized data
+(`train.bin`, `val.bin`, `data.json`).
 
 Reading order, the order the data flows: TrainConfig -> tokenizers -> data (tokenize once into memory-mapped files,
 sample random blocks) -> model and optimizer -> learning rate -> checkpoints -> processes and devices -> the run,
@@ -55,7 +57,7 @@ class TrainConfig:
     n_head: int = 6
     n_embd: int = 384
     block_size: int | None = None  # None: 256, or with init_from the base's context
-    dropout: float = 0.0  # gpt2 only
+    dropout: float = 0.0  # gpt2; with init_from, every dropout field the base's config has (DROPOUT_FIELDS)
     dim_head: int = 64  # gpt4 only
     alibi_num_heads: int | None = None  # gpt4: default half the heads
     # optimisation
@@ -80,7 +82,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 or fp16 autocast on CUDA, fp32 elsewhere) | float32 | bfloat16 | float16
     compile: bool = False
     resume: bool = False
-    # fine-tuning: start from this GPT-2 (anything gpt2_from_pretrained takes) with its shape and tokenizer
+    # fine-tuning: start from this model (anything minhub.from_pretrained loads) with its shape and tokenizer
     init_from: str | None = None
     revision: str | None = None  # of init_from
 
@@ -217,8 +219,8 @@ def prepare_data(
     # stream: encode piece by piece into one token file, then cut it into the two splits
     all_path = out / "tokens.bin.tmp"
     with open(all_path, "wb") as f:
-        for chunk in read_chunks(data, chunk_chars):
-            array.array(TOKEN_DTYPES[dtype][1], tokenizer.encode(chunk).ids).tofile(f)
+        for chunk in read_chunks(data, chunk_chars):  # one stream of text: no BOS (or other special) at chunk starts
+            array.array(TOKEN_DTYPES[dtype][1], tokenizer.encode(chunk, add_special_tokens=False).ids).tofile(f)
     tokens = open_tokens(all_path, dtype)
     n = len(tokens)
     n_val = int(n * config.val_fraction)
@@ -268,49 +270,86 @@ class Batches:
 # Model, optimizer, learning rate
 
 
-def load_base(config: TrainConfig) -> tuple[nn.Module, Tokenizer]:
-    """The pretrained GPT-2 that --init-from names, and its tokenizer (from the same commit); a TrainError that
-    says why when it cannot be loaded. Nothing is written."""
+# the base's files that a fine-tune copies, byte for byte from the base's commit, into the run where the base has
+# them: its tokenizer (for minhub and transformers alike), chat template and stop ids stay the base's
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json", "tokenizer_config.json",
+                   "chat_template.jinja", "generation_config.json", "tokenizer.json")  # tokenizer.json last: all done
+# with --init-from: the config fields set to --dropout, where the base's config has them (GPT-2's and GPT-BigCode's
+# three rates, the attention dropout of Llama and GPT-NeoX)
+DROPOUT_FIELDS = ("embd_pdrop", "attn_pdrop", "resid_pdrop", "attention_dropout")
+# families with a learned position table: their context field and the table, cropped to block_size (nanoGPT's
+# crop_block_size), so the run's model has that context. Elsewhere (rotary, ALiBi) block_size only limits the training
+# window, and the run keeps the base's context.
+LEARNED_POSITIONS = {"n_positions": "transformer.wpe.weight"}
+
+
+def load_base(config: TrainConfig) -> tuple[nn.Module, dict[str, bytes]]:
+    """The model that --init-from names (any family minhub.from_pretrained loads and save_pretrained writes), and
+    its tokenizer files from the same commit (TOKENIZER_FILES, tokenizer.json built where the base has only GPT-2's
+    vocab.json + merges.txt); a TrainError that says why when it cannot be used. Nothing is written."""
     from minhub import hub
     from minhub.tokenizer import tokenizer_from_pretrained
 
-    if config.model != "gpt2":
-        raise TrainError(f"--init-from fine-tunes GPT-2 checkpoints, not {config.model!r} models: drop --model")
     try:
-        base = hub.gpt2_from_pretrained(config.init_from, config.revision)
-        tokenizer = tokenizer_from_pretrained(config.init_from, base.commit_hash or config.revision)
+        base = hub.from_pretrained(config.init_from, config.revision)
+        commit = base.commit_hash or config.revision
+        tokenizer = tokenizer_from_pretrained(config.init_from, commit)
+        checkpoint = hub.CheckpointFiles(config.init_from, commit)
+        base_files = {name: path.read_bytes() for name in TOKENIZER_FILES if (path := checkpoint.get(name))}
     except (hub.LoadError, ValueError, OSError) as e:
         raise TrainError(f"--init-from {config.init_from}: {e}") from e
-    return base, tokenizer
+    if config.model not in ("gpt2", kind := _family(base)):  # "gpt2" is the default: not given
+        raise TrainError(f"--init-from {config.init_from} is a {kind!r} model: drop --model {config.model}")
+    if not (hasattr(base, "save_pretrained") or hasattr(base.config, "to_dict")):
+        raise TrainError(f"--init-from {config.init_from}: minhub cannot save {kind!r} models yet (its config has no "
+                         "to_dict), so the run could not be written")
+    if tokenizer.get_vocab_size() > base.config.vocab_size:
+        raise TrainError(f"--init-from {config.init_from}: its tokenizer has {tokenizer.get_vocab_size():,} tokens, "
+                         f"more than the model's {base.config.vocab_size:,}")
+    base_files.setdefault("tokenizer.json", tokenizer.to_str(pretty=True).encode())
+    return base, base_files
 
 
 def with_defaults(config: TrainConfig, base: nn.Module | None) -> TrainConfig:
-    """Fill the fields left None: from scratch SCRATCH_DEFAULTS; from a base model its context as block_size and
-    FINE_TUNE_LR, constant (no warmup). A block_size past the base's context is a TrainError."""
+    """Fill the fields left None: from scratch SCRATCH_DEFAULTS; from a base model its family as model, its context
+    (config.context_length) as block_size and FINE_TUNE_LR, constant (no warmup). A block_size past the base's
+    context is a TrainError."""
     from dataclasses import replace
 
     if base is None:
         return replace(config, **{k: v for k, v in TrainConfig.SCRATCH_DEFAULTS.items() if getattr(config, k) is None})
-    context = base.config.n_positions
+    context = base.config.context_length
     block_size = context if config.block_size is None else config.block_size
     if not 2 <= block_size <= context:
         raise TrainError(f"block_size must be in [2, {context}] (the context of {config.init_from}), got {block_size}")
     lr = TrainConfig.FINE_TUNE_LR if config.lr is None else config.lr
-    return replace(config, block_size=block_size, lr=lr, min_lr=lr if config.min_lr is None else config.min_lr,
+    return replace(config, model=_family(base), block_size=block_size, lr=lr,
+                   min_lr=lr if config.min_lr is None else config.min_lr,
                    warmup_steps=0 if config.warmup_steps is None else config.warmup_steps)
 
 
-def fine_tune_model(base_config, state_dict: dict[str, torch.Tensor], config: TrainConfig) -> nn.Module:
-    """A GPT-2 with the base's shape and weights, the run's dropout, and its context cropped to block_size (the
-    first block_size position embeddings, as nanoGPT's crop_block_size)."""
+def _family(base: nn.Module) -> str:
+    """The model_type (gpt2, llama, qwen2, ..., minhub-gpt4) of the config.json a loaded model was read from."""
+    from minhub import hub
+
+    return hub.model_type(base.name_or_path, base.commit_hash)
+
+
+def fine_tune_model(base: nn.Module, config: TrainConfig) -> nn.Module:
+    """A new model of the base's class with the base's shape and weights, except the run's dropout (DROPOUT_FIELDS)
+    and, for a family with a learned position table (LEARNED_POSITIONS), the context cropped to block_size: the
+    first block_size positions, as nanoGPT's crop_block_size. The base itself is left as it is."""
+    from dataclasses import fields as config_fields
     from dataclasses import replace
 
-    from minhub.gpt2 import GPT2
-
-    model = GPT2(replace(base_config, n_positions=config.block_size, embd_pdrop=config.dropout,
-                         attn_pdrop=config.dropout, resid_pdrop=config.dropout))
-    state = dict(state_dict)
-    state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:config.block_size]
+    names = {f.name for f in config_fields(base.config)}
+    state = dict(base.state_dict())
+    changes: dict[str, Any] = {name: config.dropout for name in DROPOUT_FIELDS if name in names}
+    for field, table in LEARNED_POSITIONS.items():
+        if field in names and table in state:
+            changes[field] = config.block_size
+            state[table] = state[table][:config.block_size]
+    model = type(base)(replace(base.config, **changes))
     model.load_state_dict(state)
     return model
 
@@ -445,39 +484,43 @@ def _autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | 
 
 def resolve_config(
     config: TrainConfig, out: Path
-) -> tuple[TrainConfig, dict | None, nn.Module | None, Tokenizer | None]:
+) -> tuple[TrainConfig, dict | None, nn.Module | None, dict[str, bytes] | None]:
     """The run's complete, checked config, and its directory `out`, created: nothing else is written yet.
 
     A new run fills the fields left None (from the base model with --init-from, which is loaded first: a bad base
     leaves no trace) and may not overwrite another run. A resumed run is its saved config, except how long and where
-    to go on. Returns (config, the saved train state, the base model, its tokenizer), each None where not used."""
-    base = base_tokenizer = resumed = None
+    to go on. Returns (config, the saved train state, the base model, its tokenizer files), each None where not
+    used."""
+    base = base_files = resumed = None
     if config.resume:  # the run's own settings, except how long and where to go on
         resumed = check_run_directory(out, config)
         keep = ("max_steps", "eval_every", "eval_steps", "save_every", "device", "resume", "compile")
         config = TrainConfig(**{**resumed["config"], **{k: getattr(config, k) for k in keep}})
     else:
         if config.init_from is not None:
-            base, base_tokenizer = load_base(config)  # before anything is written: a bad base leaves no trace
+            base, base_files = load_base(config)  # before anything is written: a bad base leaves no trace
         config = with_defaults(config, base)
         check_run_directory(out, config)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("batch_size", "grad_accum", "max_steps", "block_size", "eval_every", "eval_steps"):
         if getattr(config, name) <= 0:
             raise TrainError(f"{name} must be positive, got {getattr(config, name)}")
-    return config, resumed, base, base_tokenizer
+    return config, resumed, base, base_files
 
 
-def prepare_run_data(config: TrainConfig, out: Path, main_process: bool, world: int, base_tokenizer: Tokenizer | None,
-                     resumed: dict | None) -> dict[str, Any]:
-    """The run's tokenizer.json (kept when resuming), token files and run.json: rank 0 writes them while the other
-    processes wait. Returns data.json's contents."""
+def prepare_run_data(config: TrainConfig, out: Path, main_process: bool, world: int,
+                     base_files: dict[str, bytes] | None, resumed: dict | None) -> dict[str, Any]:
+    """The run's tokenizer.json (the base's tokenizer files with --init-from; kept when resuming), token files and
+    run.json: rank 0 writes them while the other processes wait. Returns data.json's contents."""
     tokenizer_path = out / "tokenizer.json"
     if main_process:
         data = check_data(config)
         if resumed is None or not tokenizer_path.is_file():
-            tokenizer = base_tokenizer or load_tokenizer(config.tokenizer, data, 1 << 22)
-            files.save_atomically(out, ["tokenizer.json"], lambda d: tokenizer.save(str(d / "tokenizer.json")))
+            if base_files:  # byte for byte; tokenizer.json last, so that its presence means all are there
+                files.save_atomically(out, list(base_files), partial(_write_files, base_files))
+            else:
+                tokenizer = load_tokenizer(config.tokenizer, data, 1 << 22)
+                files.save_atomically(out, ["tokenizer.json"], lambda d: tokenizer.save(str(d / "tokenizer.json")))
         from tokenizers import Tokenizer
 
         prepare_data(config, data, out, Tokenizer.from_file(str(tokenizer_path)))
@@ -488,6 +531,11 @@ def prepare_run_data(config: TrainConfig, out: Path, main_process: bool, world: 
 
         dist.barrier()
     return json.loads((out / "data.json").read_text())
+
+
+def _write_files(contents: dict[str, bytes], directory: Path) -> None:
+    for name, data in contents.items():
+        (directory / name).write_bytes(data)
 
 
 @dataclass
@@ -522,18 +570,16 @@ class Run:
         self.saved_step = self.step
 
 
-def initial_model(config: TrainConfig, out: Path, vocab_size: int, base: nn.Module | None,
-                  resumed: dict | None) -> nn.Module:
+def initial_model(config: TrainConfig, out: Path, vocab_size: int, base: nn.Module | None) -> nn.Module:
     """The model before its first step here: fresh (build_model), the base's weights (--init-from), or, resuming a
-    fine-tune, the shape of the run's own config.json (its weights come from train_state.pt)."""
+    fine-tune, the family and shape of the run's own saved model (its weights then come from train_state.pt)."""
     if config.init_from is None:
         return build_model(config, vocab_size)
-    if base is not None:
-        return fine_tune_model(base.config, base.state_dict(), config)
-    from minhub.gpt2 import GPT2Config
+    if base is None:
+        from minhub import hub
 
-    run_config = GPT2Config.from_dict(json.loads((out / "config.json").read_text()))
-    return fine_tune_model(run_config, resumed["model"], config)
+        base = hub.from_pretrained(out)
+    return fine_tune_model(base, config)
 
 
 def build_run(config: TrainConfig, out: Path, meta: dict[str, Any], base: nn.Module | None, resumed: dict | None,
@@ -548,7 +594,7 @@ def build_run(config: TrainConfig, out: Path, meta: dict[str, Any], base: nn.Mod
                                      config.seed + 1, device),
                     "val": Batches(out / "val.bin", meta["dtype"], config.block_size, config.batch_size,
                                    config.seed + 2, device)}
-    model = initial_model(config, out, meta["vocab_size"], base, resumed).to(device)
+    model = initial_model(config, out, meta["vocab_size"], base).to(device)
     optimizer = build_optimizer(model, config, fused=device.type == "cuda")
     step, best_val = 0, float("inf")
     if resumed is not None:
@@ -728,9 +774,9 @@ def train(config: TrainConfig, callback: Callable[[int, dict], None] | None = No
     rank, local_rank, world = _setup_distributed()
     device = _device(config, local_rank)  # an unusable device is an error before anything is written
     out = Path(config.out)
-    config, resumed, base, base_tokenizer = resolve_config(config, out)
+    config, resumed, base, base_files = resolve_config(config, out)
     torch.manual_seed(config.seed + rank)  # the initial weights and dropout (DDP broadcasts rank 0's weights)
-    meta = prepare_run_data(config, out, rank == 0, world, base_tokenizer, resumed)
+    meta = prepare_run_data(config, out, rank == 0, world, base_files, resumed)
     run = build_run(config, out, meta, base, resumed, rank, local_rank, world, device)
-    del base, base_tokenizer  # the model has the base's weights now: keep no second copy while training
+    del base, base_files  # the model has the base's weights now: keep no second copy while training
     return run_loop(run, callback)

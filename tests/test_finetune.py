@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from minhub import gpt2_from_pretrained
 from minhub.cli import main
-from minhub.train import Batches, TrainConfig, TrainError, estimate_loss, train
+from minhub.train import Batches, TrainConfig, TrainError, estimate_loss, open_tokens, train
 
 OLD_WORDS = ["the", "king", "queen", "shall", "speak", "to", "thee", "my", "lord", "and", "good", "night", "o"]
 NEW_WORDS = ["a", "ship", "sails", "on", "the", "grey", "sea", "at", "dawn", "and", "night"]
@@ -159,3 +159,136 @@ def test_cli_init_from_errors_are_one_line_and_exit_2(base, tmp_path, capsys, op
 def test_cli_revision_needs_init_from(tmp_path, capsys):
     assert main(["train", "--data", "x.txt", "--out", str(tmp_path / "run"), "--revision", "main"]) == 2
     assert "--revision is the revision of --init-from" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A Llama-family base: any model minhub.from_pretrained loads fine-tunes the same way
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
+@pytest.fixture(scope="module")
+def llama_base(tmp_path_factory):
+    """A small random transformers LlamaForCausalLM (tied embeddings, grouped-query attention, Llama 3.1's RoPE
+    scaling) with a real byte-level BPE tokenizer trained on the new text (it adds a BOS, as Llama 3's does), saved by
+    transformers and put in the hub cache as tests/llama-base."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("llama")
+    text = write_corpus(root / "new.txt", NEW_WORDS, 1)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train([str(text)], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|begin|>", "<|end|>"],
+                                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bos, eos = tokenizer.token_to_id("<|begin|>"), tokenizer.token_to_id("<|end|>")
+    tokenizer.post_processor = processors.TemplateProcessing(single="<|begin|> $A", special_tokens=[("<|begin|>", bos)])
+    base_dir = root / "base"
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|begin|>", eos_token="<|end|>").save_pretrained(
+        base_dir)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+        rope_parameters=LLAMA3_ROPE, bos_token_id=bos, eos_token_id=eos))
+    with torch.no_grad():  # weights spread wider than the init, so that logits differ clearly between positions
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.15 + (1.0 if name.endswith("norm.weight") else 0.0))
+    model.save_pretrained(base_dir)
+    put_in_hub_cache("tests/llama-base", base_dir)
+    return "tests/llama-base", base_dir, text, bos
+
+
+def llama_fine_tune(llama_base, out: Path, **overrides) -> TrainConfig:
+    name, _, text, _ = llama_base
+    settings = dict(data=str(text), out=str(out), init_from=name, block_size=32, batch_size=8, max_steps=12,
+                    eval_every=12, eval_steps=2, lr=3e-3, min_lr=3e-3, seed=7)
+    return TrainConfig(**{**settings, **overrides})
+
+
+def test_fine_tuning_a_llama_checkpoint_loads_in_transformers_and_minhub(llama_base, tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from minhub import from_pretrained
+
+    _, base_dir, _, bos = llama_base
+    losses: list[float] = []
+    config = llama_fine_tune(llama_base, tmp_path / "run")
+    train(config, callback=lambda step, metrics: losses.append(metrics["loss"]))
+    run = tmp_path / "run"
+    assert json.loads((run / "run.json").read_text())["model"] == "llama"
+
+    # the first step's loss is transformers' loss of the base on the same batch (the run's first batch, drawn again)
+    meta = json.loads((run / "data.json").read_text())
+    x, y = Batches(run / "train.bin", meta["dtype"], config.block_size, config.batch_size, config.seed, "cpu").next()
+    block = torch.cat((x, y[:, -1:]), dim=1)  # x and its next tokens: transformers shifts the labels itself
+    with torch.no_grad():
+        reference = LlamaForCausalLM.from_pretrained(base_dir)(block, labels=block).loss.item()
+    assert abs(losses[0] - reference) < 1e-5
+    assert sum(losses[-3:]) / 3 < losses[0] - 1.0  # and the loss goes down
+    assert bos not in open_tokens(run / "train.bin", meta["dtype"]).tolist()  # one stream of text, no BOS per chunk
+
+    # the run holds the base's tokenizer files, byte for byte, and a model transformers and minhub load alike
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (run / name).read_bytes() == (base_dir / name).read_bytes(), name
+    assert "lm_head.weight" not in load_file(run / "model.safetensors")  # tied: stored once, as transformers does
+    theirs, ours = AutoModelForCausalLM.from_pretrained(run).eval(), from_pretrained(run)
+    assert isinstance(theirs, LlamaForCausalLM)
+    assert theirs.config.rope_parameters == LLAMA3_ROPE and theirs.config.max_position_embeddings == 64
+    assert (theirs.model.rotary_emb.inv_freq == ours.inv_freq).all()
+    idx = torch.randint(0, ours.config.vocab_size, (2, 48))  # past block_size: the run keeps the base's context
+    with torch.no_grad():
+        assert (ours(idx) - theirs(idx).logits).abs().max().item() <= 1e-4
+        base_logits = AutoModelForCausalLM.from_pretrained(base_dir)(idx).logits
+        assert (ours(idx) - base_logits).abs().max().item() > 1e-2  # trained: not the base's weights
+    assert main(["generate", str(run), "the sea", "--max-new-tokens", "8", "--seed", "0"]) == 0
+
+
+def test_a_llama_fine_tune_resumes_exactly(llama_base, tmp_path):
+    whole = train(llama_fine_tune(llama_base, tmp_path / "whole", max_steps=6, eval_every=3))
+
+    def stop_after_step_2(step, metrics):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(llama_fine_tune(llama_base, tmp_path / "split", max_steps=6, eval_every=3), callback=stop_after_step_2)
+    resumed = train(TrainConfig(data="unused", out=str(tmp_path / "split"), max_steps=6, eval_every=3, eval_steps=2,
+                                resume=True))
+    assert resumed == whole
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "split" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("family, options", [
+    ("llama", dict(attention_bias=True, mlp_bias=True, rope_parameters={"rope_type": "linear", "factor": 2.0})),
+    ("qwen2", dict(tie_word_embeddings=True, rope_parameters={"rope_theta": 1e6})),
+    ("mistral", dict(sliding_window=24)),
+])
+def test_save_pretrained_writes_what_transformers_reads(tmp_path, family, options):
+    """hub.save_pretrained for each Llama-family model: transformers' class, config and logits, and minhub's."""
+    from transformers import AutoModelForCausalLM
+
+    from minhub import from_pretrained
+    from minhub.hub import save_pretrained
+    from minhub.llama import ARCHITECTURES, Llama, LlamaConfig
+
+    config = LlamaConfig(model_type=family, vocab_size=71, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1,
+                         eos_token_id=2, **options)
+    model = Llama(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    save_pretrained(model, tmp_path)
+    theirs, ours = AutoModelForCausalLM.from_pretrained(tmp_path).eval(), from_pretrained(tmp_path)
+    assert type(theirs).__name__ == ARCHITECTURES[family]
+    assert theirs.config.rope_parameters == config.rope_parameters
+    assert ours.config == config
+    assert ("lm_head.weight" in load_file(tmp_path / "model.safetensors")) != config.tie_word_embeddings
+    idx = torch.randint(0, 71, (2, 20))
+    with torch.no_grad():
+        assert (theirs(idx).logits - model(idx)).abs().max().item() <= 1e-5
+        assert torch.equal(ours(idx), model(idx))
