@@ -10,6 +10,7 @@ cached), unreadable or unsafe files are named, and every missing, unexpected or 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -451,6 +452,9 @@ def stop_ids(files: CheckpointFiles, config_eos: int | list[int] | None) -> int 
     return config_eos if eos is None else eos
 
 
+# the transformers class of the families whose configs are written as their fields (transformers 5's names)
+ARCHITECTURES = {GPTNeoXConfig: ("gpt_neox", "GPTNeoXForCausalLM"),
+                 GPTBigCodeConfig: ("gpt_bigcode", "GPTBigCodeForCausalLM")}
 LOADERS: dict[str, Callable[..., torch.nn.Module]] = {
     "gpt2": gpt2_from_pretrained, "minhub-gpt4": gpt4_from_pretrained, "llama": llama_from_pretrained,
     "qwen2": llama_from_pretrained, "mistral": llama_from_pretrained, "gpt_neox": gpt_neox_from_pretrained,
@@ -484,11 +488,18 @@ def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> Non
     A model that saves itself (GPT4) does; GPT-2 is stored in the hub's layout (save_pretrained's: `transformer.`
     prefix, Conv1D weights stored (in, out)); every other family under its own names, which mirror the hub's. A tied
     weight is stored once, under its first name (the tied lm_head is left out, as transformers' save_pretrained does
-    and expects); config.json is the config's to_dict() (TypeError for a config without one)."""
+    and expects); config.json is the config's to_dict(), or its fields with the architecture transformers knows the
+    family by (TypeError for a model neither gives)."""
     if hasattr(model, "save_pretrained"):
         model.save_pretrained(directory)
         return
-    if not hasattr(model.config, "to_dict"):
+    config = model.config
+    if hasattr(config, "to_dict"):
+        config_json = config.to_dict()
+    elif type(config) in ARCHITECTURES:
+        model_type, architecture = ARCHITECTURES[type(config)]
+        config_json = {"model_type": model_type, "architectures": [architecture], **dataclasses.asdict(config)}
+    else:
         raise TypeError(f"{type(model).__name__} cannot be saved: its config has no to_dict() for config.json")
     from safetensors.torch import save_file
 
@@ -502,4 +513,4 @@ def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> Non
         transposed = isinstance(model, GPT2) and name.endswith(CONV1D_WEIGHTS)
         state[name] = (tensor.t() if transposed else tensor).detach().contiguous().cpu()
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    (directory / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")

@@ -300,7 +300,8 @@ def load_base(config: TrainConfig) -> tuple[nn.Module, dict[str, bytes]]:
         raise TrainError(f"--init-from {config.init_from}: {e}") from e
     if config.model not in ("gpt2", kind := _family(base)):  # "gpt2" is the default: not given
         raise TrainError(f"--init-from {config.init_from} is a {kind!r} model: drop --model {config.model}")
-    if not (hasattr(base, "save_pretrained") or hasattr(base.config, "to_dict")):
+    if not (hasattr(base, "save_pretrained") or hasattr(base.config, "to_dict")
+            or type(base.config) in hub.ARCHITECTURES):
         raise TrainError(f"--init-from {config.init_from}: minhub cannot save {kind!r} models yet (its config has no "
                          "to_dict), so the run could not be written")
     if tokenizer.get_vocab_size() > base.config.vocab_size:

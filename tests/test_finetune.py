@@ -292,3 +292,35 @@ def test_save_pretrained_writes_what_transformers_reads(tmp_path, family, option
     with torch.no_grad():
         assert (theirs(idx).logits - model(idx)).abs().max().item() <= 1e-5
         assert torch.equal(ours(idx), model(idx))
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "gpt_bigcode"])
+def test_the_other_families_fine_tune_and_load_in_transformers(llama_base, tmp_path, family):
+    """A GPT-NeoX and a GPT-BigCode base (transformers' own, saved to the hub cache with the Llama base's tokenizer)
+    fine-tune through the same path; the run loads in transformers with minhub's logits."""
+    import shutil
+
+    import transformers
+
+    from minhub import from_pretrained
+
+    _, llama_dir, text, _ = llama_base
+    vocab = from_pretrained(llama_dir).config.vocab_size
+    config = (transformers.GPTNeoXConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=64, max_position_embeddings=64, rotary_pct=0.5)
+              if family == "gpt_neox" else
+              transformers.GPTBigCodeConfig(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    torch.manual_seed(0)
+    base_dir = tmp_path / "base"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(base_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(llama_dir / name, base_dir / name)
+    put_in_hub_cache(f"tests/{family}-base", base_dir)
+    run = tmp_path / "run"
+    train(TrainConfig(data=str(text), out=str(run), init_from=f"tests/{family}-base", block_size=32, batch_size=4,
+                      max_steps=3, eval_every=3, eval_steps=1, lr=3e-3, min_lr=3e-3, seed=7))
+    theirs, ours = transformers.AutoModelForCausalLM.from_pretrained(run).eval(), from_pretrained(run)
+    assert type(ours).__name__ == ("GPTNeoX" if family == "gpt_neox" else "GPTBigCode")
+    idx = torch.randint(0, vocab, (2, 20))
+    with torch.no_grad():
+        assert (theirs(idx).logits - ours(idx)).abs().max().item() <= 1e-4
