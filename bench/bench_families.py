@@ -2,7 +2,7 @@
 saved by transformers, loaded by `minhub.from_pretrained` (the default speed path) and by transformers.
 
     python bench/bench_families.py                    # SmolLM2-135M's shapes (Llama: 30 layers, GQA 9/3, tied)
-    python bench/bench_families.py --shape smollm2-135m --rounds 5
+    python bench/bench_families.py --shape pythia-160m        # GPT-NeoX; santacoder-160m: GPT-BigCode
 
 It checks that minhub's fp32 greedy tokens equal transformers' first, then times batch 1 (fp32 and bf16, each set
 against its matrix-read limit: reading the model's weight matrices one after another, timed in the same rounds) and
@@ -29,6 +29,15 @@ SHAPES = {
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
         num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
         tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)),
+    # EleutherAI/pythia-160m's config.json, random weights
+    "pythia-160m": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(
+        vocab_size=50304, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=2048, rotary_pct=0.25, rotary_emb_base=10000, use_parallel_residual=True,
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)),
+    # SantaCoder's architecture (multi-query attention, learned positions) at Pythia-160M's size
+    "santacoder-160m": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(
+        vocab_size=49280, n_embd=768, n_layer=12, n_head=12, n_positions=2048, multi_query=True,
+        activation_function="gelu_pytorch_tanh", bos_token_id=0, eos_token_id=0)),
 }
 
 

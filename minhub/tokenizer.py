@@ -1,5 +1,6 @@
 """Tokenizers of hub checkpoints, as `tokenizers.Tokenizer` objects (fast, Rust): a repo's tokenizer.json, or GPT-2's
-byte-level BPE built from vocab.json + merges.txt; and the token ids of a conversation rendered by a chat template."""
+byte-level BPE built from vocab.json + merges.txt; the token ids of a conversation rendered by a chat template, and of
+a fill-in-the-middle prompt."""
 
 from __future__ import annotations
 
@@ -51,3 +52,19 @@ def chat_ids(tokenizer, template, messages: list[dict], *, add_generation_prompt
     template refuses the conversation."""
     text = template.render(messages, add_generation_prompt=add_generation_prompt, **extra)
     return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+# the fill-in-the-middle tokens of the BigCode models: StarCoder's and tiny_starcoder's, then SantaCoder's
+FIM_TOKENS = (("<fim_prefix>", "<fim_suffix>", "<fim_middle>"), ("<fim-prefix>", "<fim-suffix>", "<fim-middle>"))
+
+
+def fim_ids(tokenizer, prefix: str, suffix: str) -> list[int]:
+    """The token ids of a fill-in-the-middle prompt as the BigCode model cards write it, prefix-suffix-middle:
+    `<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>`, encoded as transformers' `tokenizer.encode` does; the
+    model then generates the middle. ValueError if the tokenizer has no such tokens (a model not trained for FIM)."""
+    vocab = tokenizer.get_vocab()
+    for fim_prefix, fim_suffix, fim_middle in FIM_TOKENS:
+        if all(name in vocab for name in (fim_prefix, fim_suffix, fim_middle)):
+            return tokenizer.encode(f"{fim_prefix}{prefix}{fim_suffix}{suffix}{fim_middle}").ids
+    raise ValueError("this model's tokenizer has no fill-in-the-middle tokens (<fim_prefix>, <fim_suffix>, "
+                     "<fim_middle>): a suffix needs a model trained for it, such as StarCoder or SantaCoder")
