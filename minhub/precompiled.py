@@ -108,9 +108,12 @@ def step_for(net: nn.Module, batch_size: int, masked: bool) -> Callable[[torch.T
     _, loader, fqns = _bound[net]
     # bind this model's own tensors at every call: the cache changes with setup_cache, the weights with the user
     try:
-        distinct = len({id(t) for t in tensors.values()})  # a tied weight is one tensor under two names
-        if len(fqns) != distinct:  # the key should make this impossible; a step that ran part of the model is worse
-            raise ValueError(f"it takes {len(fqns)} tensors, the model has {distinct}")
+        # the key should make a misfit impossible; a step that ran on part of the model's tensors would be worse
+        unknown = [fqn for fqn in fqns if fqn.removeprefix("model.") not in tensors]
+        bound = {id(tensors[fqn.removeprefix("model.")]) for fqn in fqns if fqn not in unknown}
+        unbound = [name for name, t in _parameters_and_buffers(net) if id(t) not in bound]
+        if unknown or unbound:
+            raise ValueError(f"it takes {_some(unknown)} the model lacks and not {_some(unbound)}")
         loader.load_constants({fqn: tensors[fqn.removeprefix("model.")] for fqn in fqns}, False, True, True)
     except Exception as e:  # a package that does not fit the model after all: decode eagerly rather than fail
         _failed[key] = f"{type(e).__name__}: {e}"
@@ -126,9 +129,24 @@ def step_for(net: nn.Module, batch_size: int, masked: bool) -> Callable[[torch.T
     return step
 
 
+def _parameters_and_buffers(net: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return list(net.named_parameters()) + list(net.named_buffers())
+
+
+def _some(names: list[str]) -> str:
+    return "nothing" if not names else ", ".join(names[:3]) + (f" ({len(names)} in all)" if len(names) > 3 else "")
+
+
 def named_tensors(net: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer of `net` (the KV cache included) by name, a tied weight under each of its names."""
-    return dict(net.named_parameters(remove_duplicate=False)) | dict(net.named_buffers(remove_duplicate=False))
+    """Every parameter and buffer of `net` (the KV cache included) by name, a tied weight under each of its names,
+    and the tensors modules hold as plain attributes (such as rotary frequencies kept out of model.to(dtype)), which
+    torch.export lifts into constants too."""
+    tensors = dict(net.named_parameters(remove_duplicate=False)) | dict(net.named_buffers(remove_duplicate=False))
+    for prefix, module in net.named_modules(remove_duplicate=False):
+        for name, value in vars(module).items():
+            if isinstance(value, torch.Tensor) and not name.startswith("_"):
+                tensors[f"{prefix}.{name}" if prefix else name] = value
+    return tensors
 
 
 def step_key(net: nn.Module) -> str:
@@ -137,8 +155,7 @@ def step_key(net: nn.Module) -> str:
     traced."""
     named = list(net.named_modules())
     modules = [(name, type(m).__qualname__, sorted(map(str, getattr(m, "kernels", {}).items()))) for name, m in named]
-    tensors = [(name, tuple(t.shape), t.stride(), str(t.dtype))
-               for name, t in list(net.named_parameters(remove_duplicate=False)) + list(net.named_buffers())]
+    tensors = [(name, tuple(t.shape), t.stride(), str(t.dtype)) for name, t in named_tensors(net).items()]
     text = json.dumps([STEP_VERSION, matmul.machine_key(), torch.__version__, sys.version_info[:2],
                        type(net).__qualname__, repr(net.config), net.cache_len, hasattr(torch.ops.minhub, "attend"),
                        modules, tensors, _sources({type(m) for _, m in named})])

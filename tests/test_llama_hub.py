@@ -308,3 +308,27 @@ def test_cli_perplexity_equals_transformers_loss(repos, tmp_path, capsys):
         loss = ref(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
     assert result["tokens"] == len(ids) - 1
     assert result["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
+
+
+def test_the_precompiled_step_takes_a_gqa_llama_and_gives_transformers_tokens(repos, monkeypatch):
+    """The default path's compiled decode step for a Llama (grouped-query attention, rotary frequencies held as a
+    plain tensor): built for it, bound to its tensors, its one-query attention through minhub::attend where the
+    library is built, and the greedy tokens of transformers."""
+    from minhub import hardware, matmul, precompiled
+
+    if not hardware.cpu_info().can_compile:
+        pytest.skip(f"the precompiled step needs a C++ compiler; {hardware.cpu_info().describe()}")
+    monkeypatch.setenv("MINHUB_DECODE", "compiled")  # the tiny model is far below the size it is built for by default
+    ref, tokenizer = repos["llama"]
+    model = minhub.from_pretrained(REPOS["llama"])
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    ids = tokenizer.encode("hello world")
+    out = minhub.generate(model, torch.tensor([ids]), 12, temperature=0)  # builds the step (traced: not counted)
+    assert model in precompiled._bound
+    with torch.profiler.profile() as prof:
+        assert torch.equal(minhub.generate(model, torch.tensor([ids]), 12, temperature=0), out)
+    new, _ = greedy_reference(ref, ids, 12, [])
+    assert out[0, len(ids):].tolist() == new
+    ran = {event.key: event.count for event in prof.key_averages()}
+    if matmul.plan().library is not None:
+        assert ran.get("minhub::attend") == 11 * model.config.num_hidden_layers  # every step after the prefill
