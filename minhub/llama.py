@@ -208,8 +208,6 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(C, V, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # a float32 tensor, not a buffer that model.to(bfloat16) would round (wrong angles at large positions)
-        self.inv_freq = rope_inv_freq(config)
         self.cache_len = 0  # slots in the KV cache, 0 until setup_cache()
         if not self.lm_head.weight.is_meta:  # on the meta device, weights are about to be loaded: skip the init
             self.init_weights()
@@ -257,7 +255,8 @@ class Llama(nn.Module):
             pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, start:start + T]  # (B, T) real-token count
         x = self.model.embed_tokens(idx)  # (B, T, C)
         # angles in float32; cos and sin cast to the model's dtype, where the rotation is computed, as in transformers
-        freqs = pos[..., None].float() * self.inv_freq.to(idx.device)  # (B or 1, T, hs/2)
+        # computed at each call: a buffer would be rounded by model.to(bfloat16) (wrong angles at large positions)
+        freqs = pos[..., None].float() * rope_inv_freq(self.config).to(idx.device)  # (B or 1, T, hs/2)
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B or 1, 1, T, hs): channels i and i + hs/2 turn alike
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         mask = self._attention_mask(attention_mask, start, T, idx.device)
