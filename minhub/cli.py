@@ -66,6 +66,8 @@ def generate_command(args: argparse.Namespace) -> int:
     eos = None if args.ignore_eos else getattr(model.config, "eos_token_id", None)  # GPT4 runs have none
     device = next(model.parameters()).device
     generator = None if args.seed is None else torch.Generator(device=device).manual_seed(args.seed)
+    if args.suffix is not None:
+        return _fill_in_the_middle(model, tokenizer, args, generator)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     try:
@@ -80,9 +82,24 @@ def generate_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stream_reply(model, tokenizer, ids: list[int], args: argparse.Namespace, generator) -> str:
+def _fill_in_the_middle(model, tokenizer, args: argparse.Namespace, generator) -> int:
+    """Print PROMPT, the middle the model generates between it and --suffix (streamed), then the suffix."""
+    from minhub.tokenizer import fim_ids
+
+    try:
+        ids = fim_ids(tokenizer, args.prompt, args.suffix)
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+        _stream_reply(model, tokenizer, ids, args, generator, end=args.suffix + "\n")
+    except ValueError as e:
+        print(f"minhub: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _stream_reply(model, tokenizer, ids: list[int], args: argparse.Namespace, generator, end: str = "\n") -> str:
     """Stream the model's reply to the prompt `ids` to stdout as it is sampled, until one of the model's EOS ids or
-    --max-new-tokens, then a newline; return the reply's text (what was printed)."""
+    --max-new-tokens, then `end`; return the reply's text (what was printed)."""
     import torch
     from tokenizers.decoders import DecodeStream
 
@@ -107,7 +124,7 @@ def _stream_reply(model, tokenizer, ids: list[int], args: argparse.Namespace, ge
             sys.stdout.write(piece)
             sys.stdout.flush()
     reply = tokenizer.decode(new)  # the stream holds back a character left incomplete at the end: print it now
-    sys.stdout.write((reply[len(shown):] if reply.startswith(shown) else "") + "\n")
+    sys.stdout.write((reply[len(shown):] if reply.startswith(shown) else "") + end)
     sys.stdout.flush()
     return reply
 
@@ -224,7 +241,8 @@ def score_command(args: argparse.Namespace) -> int:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    """Serve MODEL behind an OpenAI-compatible API (minhub/serve.py) until Ctrl-C."""
+    """Serve MODEL behind an OpenAI-compatible API (minhub/serve.py) until SIGTERM or Ctrl-C: requests in flight
+    then get --shutdown-timeout seconds to finish. 1 if the model thread failed (the server exits, not answer 500s)."""
     try:
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
@@ -232,19 +250,24 @@ def serve_command(args: argparse.Namespace) -> int:
         print("minhub: serving needs starlette and uvicorn: pip install 'minhub[serve]'", file=sys.stderr)
         return 2
     from minhub import hardware, hub
-    from minhub.serve import build_app
+    from minhub.serve import build_app, uvicorn_server
 
     try:
         app = build_app(args.model, args.revision, max_batch=args.max_batch, dtype=args.dtype, device=args.device,
-                        api_key=args.api_key, compile_batches=args.compile)
+                        api_key=args.api_key, compile_batches=args.compile, max_body=args.max_body,
+                        body_timeout=args.body_timeout, max_prompts=args.max_prompts)
+        server = uvicorn_server(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout)
     except (hub.LoadError, ValueError, FileNotFoundError, hardware.CPUFeatureError) as e:
         print(f"minhub: {e}", file=sys.stderr)
         return 2
-    import uvicorn
-
     print(f"serving {args.model} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0
+    server.run()
+    failure = app.state.scheduler.failure
+    if failure is not None:
+        print(f"minhub: the model thread failed ({failure!r}; traceback above): the server stopped. Restart it; if "
+              "it fails again, report the traceback", file=sys.stderr)
+        return 1
+    return 0 if server.started else 1  # uvicorn could not listen (the port taken?): it said why
 
 
 def train_command(args: argparse.Namespace) -> int:
@@ -335,6 +358,8 @@ def _add_generate_arguments(commands: argparse._SubParsersAction) -> None:
                     "BW/VL/DQ or AVX-NE-CONVERT), elsewhere takes minhub.matmul's bf16 path")
     _add_device(gen)
     gen.add_argument("--ignore-eos", action="store_true", help="keep going after <|endoftext|>")
+    gen.add_argument("--suffix", default=None,
+                     help="fill in the middle between PROMPT and this text (BigCode models: StarCoder, SantaCoder)")
     gen.add_argument("--int8", action="store_true",
                      help="int8 weights, on CPU (minhub.speed, weights='int8'): fastest, least exact")
     _add_compile(gen)
@@ -390,13 +415,13 @@ def _add_train_arguments(commands: argparse._SubParsersAction) -> None:
     from minhub.train import TrainConfig
 
     defaults = TrainConfig()
-    tr = commands.add_parser("train", help="train a GPT-2 or GPT4-style model on a text file, from scratch or "
-                             "from a pretrained GPT-2 (--init-from)",
+    tr = commands.add_parser("train", help="train a GPT-2 or GPT4-style model on a text file from scratch, or "
+                             "fine-tune a pretrained model (--init-from)",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     tr.add_argument("--data", required=True, help="UTF-8 text file")
     tr.add_argument("--out", required=True, help="run directory (checkpoints, tokenizer, logs)")
     tr.add_argument("--init-from", default=None,
-                    help="fine-tune this GPT-2 (hub id, commit, directory or run): its weights, shape and tokenizer")
+                    help="fine-tune this model (hub id, commit, directory or run): its weights, shape and tokenizer")
     tr.add_argument("--revision", default=None, help="branch, tag or commit of --init-from")
     # None: not given (the defaults are TrainConfig's, or with --init-from the base model's)
     tr.add_argument("--model", choices=("gpt2", "gpt4"), default=None, help=f"default {defaults.model}")
@@ -439,6 +464,15 @@ def _add_serve_arguments(commands: argparse._SubParsersAction) -> None:
     _add_device(sv)
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     _add_compile(sv)
+    sv.add_argument("--max-prompts", type=int, default=64,
+                    help="most completions in one request (prompts x n); more: a 400")
+    sv.add_argument("--max-body", type=int, default=None,
+                    help="most bytes in a request body; more: a 413 (None: 1 MiB, or 64 bytes per token of the "
+                         "model's context if that is more)")
+    sv.add_argument("--body-timeout", type=float, default=30.0,
+                    help="seconds a client has to send a request body; longer: a 408")
+    sv.add_argument("--shutdown-timeout", type=float, default=30.0,
+                    help="on SIGTERM, seconds requests in flight have to finish before they end with an error")
     sv.set_defaults(handler=serve_command)
 
 

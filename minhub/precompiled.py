@@ -1,8 +1,8 @@
 """The default path's one-token decode step on the CPU, compiled ahead of time once per machine and model shape.
 
 It is built from the contract's forward (docs/contract.md), so every model file gets it. Why: at batch 1 a GPT-2
-step is ~50 weight matrix products and ~500 small ops. Run eagerly, the small ops and the Python between them cost 2-4 ms a token: a sixth of an fp32 token of GPT-2 124M on a 2-core CPU, a third of an int8
-one. Exported (torch.export) and compiled by AOTInductor, they become a few fused C++ loops; the matrix products stay
+step is ~50 weight matrix products and ~500 small ops. Run eagerly, the small ops and the Python between them cost
+2-4 ms a token: a sixth of an fp32 token of GPT-2 124M on a 2-core CPU, a third of an int8 one. Exported (torch.export) and compiled by AOTInductor, they become a few fused C++ loops; the matrix products stay
 minhub.matmul's kernels (minhub::linear is an opaque call in the graph), and attention for the one new query goes to
 minhub::attend (attend_one_query).
 

@@ -437,3 +437,114 @@ def test_a_bf16_server_decodes_transformers_bf16_tokens_under_every_plan(server,
                 if len(new) < 8:
                     assert int(rounded(torch.tensor([ids + new])).logits[0, -1].argmax()) == EOS, prompt
                 assert choice.finish_reason == ("length" if len(new) == 8 else "stop"), prompt
+
+
+def expected_prompt_scores(ids: list[int], k: int) -> tuple[list, list, torch.Tensor]:
+    """OpenAI's echo contract on transformers' logits: each prompt token's log_softmax given the ones before it, None
+    for the first; the k most likely tokens there (keyed by decoded text), None for the first; and the rows."""
+    rows = reference_logprobs(ids)
+    logprobs = [None] + [float(rows[t - 1, ids[t]]) for t in range(1, len(ids))]
+    tops = [None] + [{TOKENIZER.decode([i]): v for i, v in zip(rows[t - 1].topk(k).indices.tolist(),
+                                                               rows[t - 1].topk(k).values.tolist())}
+                     for t in range(1, len(ids))]
+    return logprobs, tops, rows
+
+
+def check_echoed_prompt(choice: dict, ids: list[int], k: int) -> None:
+    """The first len(ids) entries of the choice's logprobs score the prompt as transformers does (within 1e-4)."""
+    lp, P = choice["logprobs"], len(ids)
+    logprobs, tops, _ = expected_prompt_scores(ids, k)
+    assert lp["tokens"][:P] == [TOKENIZER.decode([i]) for i in ids]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1:P] == pytest.approx(logprobs[1:], abs=TOL, rel=0)
+    for top, expected in zip(lp["top_logprobs"][1:P], tops[1:]):
+        assert top.keys() == expected.keys() and top == pytest.approx(expected, abs=TOL, rel=0)
+    assert lp["text_offset"][:P] == [len(TOKENIZER.decode(ids[:t])) for t in range(P)]
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_transformers(server):
+    """The scoring contract of OpenAI's completions (what lm-eval's local-completions reads): with echo and logprobs,
+    every prompt token's log-probability (None for the first) and top_logprobs, then the generated tokens'. Prompts
+    as text, as token ids and as lists of them; max_tokens 1 (a generated token last) and 0 (the prompt alone).
+    Reference: log_softmax of transformers' logits."""
+    texts = [NO_EOS, PROMPTS[5], "caf\u00e9 \u00e9t\u00e9 \u2014 na\u00efve"]  # characters split over byte tokens
+    encoded = [TOKENIZER.encode(text).ids for text in texts]
+    for prompt in (texts, encoded, encoded[1]):
+        for max_tokens in (1, 0):
+            status, payload = raw(server, "POST", "/v1/completions", {
+                "model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "logprobs": 2, "echo": True,
+                "temperature": 0})
+            assert status == 200, payload
+            ids_list = encoded if isinstance(prompt[0], (str, list)) else [prompt]
+            choices = sorted(payload["choices"], key=lambda c: c["index"])
+            assert len(choices) == len(ids_list)
+            for choice, ids in zip(choices, ids_list):
+                check_echoed_prompt(choice, ids, 2)
+                lp, new = choice["logprobs"], reference(TOKENIZER.decode(ids), 1)[0][:max_tokens]
+                assert len(lp["tokens"]) == len(ids) + max_tokens
+                assert choice["text"] == TOKENIZER.decode(ids) + TOKENIZER.decode(new)
+                assert choice["finish_reason"] == "length"
+                if max_tokens:
+                    assert lp["token_logprobs"][-1] == pytest.approx(
+                        float(reference_logprobs(ids)[-1].max()), abs=TOL, rel=0)
+                    assert lp["token_logprobs"][-1] == max(lp["top_logprobs"][-1].values())  # greedy, exactly
+                    assert lp["text_offset"][-1] == len(TOKENIZER.decode(ids))
+            if max_tokens == 0:
+                assert payload["usage"]["completion_tokens"] == 0
+
+
+def test_echo_with_logprobs_keeps_the_eos_that_ended_a_choice(server):
+    """A scoring client drops the last token of the logprobs (the generated one): when EOS ends the choice, it is
+    there too (not in the text), with transformers' log-probability."""
+    ids = TOKENIZER.encode(EOS_AFTER_9).ids
+    new, rows, finish = reference(EOS_AFTER_9, 30)
+    assert finish == "stop" and len(new) == 9
+    status, payload = raw(server, "POST", "/v1/completions", {"model": MODEL, "prompt": ids, "max_tokens": 30,
+                                                               "logprobs": 1, "echo": True, "temperature": 0})
+    choice = payload["choices"][0]
+    assert status == 200 and choice["finish_reason"] == "stop"
+    assert choice["text"] == EOS_AFTER_9 + TOKENIZER.decode(new)
+    check_echoed_prompt(choice, ids, 1)
+    lp = choice["logprobs"]
+    assert lp["tokens"][len(ids):] == [TOKENIZER.decode([i]) for i in new] + ["<|endoftext|>"]
+    assert lp["token_logprobs"][len(ids):] == pytest.approx(
+        [float(rows[t, i]) for t, i in enumerate(new + [EOS])], abs=TOL, rel=0)
+
+
+def test_echo_alone_streams_and_the_openai_client_scores_token_ids(server):
+    c = client(server)
+    ids = TOKENIZER.encode(PROMPTS[1]).ids
+    result = c.completions.create(model=MODEL, prompt=[ids, ids[:2]], echo=True, max_tokens=0, logprobs=0)
+    assert [ch.text for ch in sorted(result.choices, key=lambda ch: ch.index)] == \
+        [PROMPTS[1], TOKENIZER.decode(ids[:2])]
+    assert result.choices[0].logprobs.token_logprobs[1:] == pytest.approx(
+        expected_prompt_scores(ids, 1)[0][1:], abs=TOL, rel=0)
+    chunks = list(c.completions.create(model=MODEL, prompt=PROMPTS[1], echo=True, max_tokens=0, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == PROMPTS[1]
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_models_retrieve(server):
+    c = client(server)
+    assert c.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("gpt-4")
+
+
+def test_a_prompt_scored_in_chunks_scores_the_same(server, monkeypatch):
+    """A scored prompt runs into the cache a bounded number of positions at a time (here 4): the same scores, and
+    the same greedy tokens after it, beside a row that decodes meanwhile."""
+    from minhub import serve
+
+    monkeypatch.setattr(serve, "PREFILL_CHUNK", 4)
+    ids = TOKENIZER.encode(PROMPTS[5]).ids
+    assert len(ids) > 3 * 4
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        beside = pool.submit(client(server).completions.create, model=MODEL, prompt=NO_EOS, max_tokens=20,
+                             temperature=0)
+        status, payload = raw(server, "POST", "/v1/completions", {"model": MODEL, "prompt": ids, "max_tokens": 3,
+                                                                   "logprobs": 3, "echo": True, "temperature": 0})
+        assert beside.result(timeout=60).choices[0].text == reference_text(NO_EOS, 20)
+    assert status == 200
+    check_echoed_prompt(payload["choices"][0], ids, 3)
+    assert payload["choices"][0]["text"] == PROMPTS[5] + reference_text(PROMPTS[5], 3)
