@@ -7,7 +7,7 @@ reach the branch their CPU would not take (`monkeypatch.setattr(minhub.hardware,
 callers look it up through the module at call time: `hardware.cpu_info()`, never a copy imported by name.
 
 What depends on what (torch 2.13, CPU wheel):
-- bf16 weights packed for oneDNN (`minhub.fast.prepack(model, torch.bfloat16)`): oneDNN's bf16 matmul, which needs
+- bf16 weights packed for oneDNN (`minhub.speed.prepack(model)`): oneDNN's bf16 matmul, which needs
   AVX-512 BW+VL+DQ or AVX-NE-CONVERT. AVX2-only CPUs (e.g. AMD EPYC Zen 2/3) lack both.
 - a compiled decode step (`compile_decode`, `minhub train --compile` on the CPU): inductor writes C++ and builds it
   with $CXX or g++, including Python.h.
@@ -25,6 +25,7 @@ import platform
 import shutil
 import sys
 import sysconfig
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +96,36 @@ def cpu_info() -> CPUInfo:
     python_headers = (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file()
     return CPUInfo(model=model, isa=torch.backends.cpu.get_cpu_capability(), flags=flags, onednn=onednn,
                    onednn_bf16=onednn_bf16, cxx=cxx, python_headers=python_headers)
+
+
+@dataclass(frozen=True)
+class CPUTimes:
+    """One reading of how much CPU time the machine and this process have used, in seconds."""
+
+    busy: float  # all CPUs, since boot: user, system, interrupts, stolen
+    total: float  # busy plus idle and waiting for I/O
+    own: float  # this process, every thread
+
+
+def cpu_times() -> CPUTimes | None:
+    """The machine's and this process's CPU time now, or None where /proc/stat does not exist (not Linux)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    tick = os.sysconf("SC_CLK_TCK")
+    busy = (user + nice + system + irq + softirq + steal) / tick
+    return CPUTimes(busy=busy, total=busy + (idle + iowait) / tick, own=time.process_time())
+
+
+def others_share(start: CPUTimes | None, end: CPUTimes | None) -> float | None:
+    """The share of the machine's CPU time (0 to 1) that other processes used between two readings, or None where
+    there are no readings: what a measurement of this process's speed must not share the CPUs with."""
+    if start is None or end is None or end.total <= start.total:
+        return None
+    others = (end.busy - start.busy) - (end.own - start.own)
+    return round(min(1.0, max(0.0, others / (end.total - start.total))), 3)
 
 
 def require_compiler(what: str) -> None:

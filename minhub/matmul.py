@@ -17,8 +17,10 @@ MKL is close to the limit already. So minhub measures instead of guessing, per w
 
 `plan()` times the candidates on GPT-2 124M-shaped matrices (110 MB in fp32, more than the caches hold) in paired
 rounds, once per machine (CPU model, instruction sets, torch version, thread count, the kernel's source), and keeps
-the result and the built kernel in $MINHUB_CACHE (default ~/.cache/minhub). Every candidate computes the same sums in
-another order: fp32 logits stay within 1e-4 of transformers'.
+the result and the built kernel in $MINHUB_CACHE (default ~/.cache/minhub). A plan measured while other processes
+kept the CPUs busy (more than BUSY of their time: the kernels then compete for cores and their order can turn over)
+is provisional: a later process that finds the machine idle measures again. Every candidate computes the same sums
+in another order: fp32 logits stay within 1e-4 of transformers'.
 
 `use_fastest(model)` applies the plan: every nn.Linear becomes a `CPULinear` (the same module, parameters and hooks,
 with a forward that picks the kernel by dtype and row count). Only float32 and bfloat16 CPU inference of up to 16
@@ -53,7 +55,8 @@ log = logging.getLogger("minhub")
 FEW_ROWS = 16  # up to this many rows count as decoding; more (a prompt) always go to BLAS
 SOURCE = Path(__file__).with_name("matmul.cpp")
 LIBRARY = "libminhub_matmul.so"
-PLAN_VERSION = 5  # bump when the candidates or what a plan records change: older plans are measured again
+PLAN_VERSION = 6  # bump when the candidates or what a plan records change: older plans are measured again
+BUSY = 0.15  # other processes' share of the CPUs above which a measurement is provisional
 DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.int8: "int8"}  # weight dtypes with a choice
 
 
@@ -71,6 +74,12 @@ class MatmulPlan:
     library_sha256: str | None = None  # what the library's bytes were when measured: a changed file is rebuilt
     measured_gbs: dict[str, float] = field(default_factory=dict)  # weight bytes read per second, per candidate
     notes: tuple[str, ...] = ()  # why a candidate was not measured
+    others_busy: float | None = None  # other processes' share of the CPUs while measuring; None: not known
+
+    @property
+    def provisional(self) -> bool:
+        """Whether other processes kept the CPUs busy while this plan was measured (see the module docstring)."""
+        return self.others_busy is not None and self.others_busy > BUSY
 
     def kernel(self, dtype: torch.dtype, one_row: bool) -> str:
         """"blas", "onednn" or "minhub" for weights of `dtype` times one row, or 2 to FEW_ROWS rows."""
@@ -82,7 +91,9 @@ class MatmulPlan:
                             for name in [choice_name(dtype, one_row)])
         figures = ", ".join(f"{k} {v:.1f}" for k, v in self.measured_gbs.items())
         loops = "" if self.library is None else f" (its {'AVX2' if avx2_loops() else 'portable'} loops)"
-        return (f"{choices}{loops}; GB/s read: {figures or 'none'}" + "".join(f"; {n}" for n in self.notes))
+        busy = f"; provisional: measured while other processes used {self.others_busy:.0%} of the CPUs" \
+            if self.provisional else ""
+        return (f"{choices}{loops}; GB/s read: {figures or 'none'}" + "".join(f"; {n}" for n in self.notes) + busy)
 
 
 def avx2_loops() -> bool:
@@ -160,15 +171,17 @@ def _cached_or_measured(key: str) -> MatmulPlan:
         cached = MatmulPlan(**{**saved, "notes": tuple(saved.get("notes", ()))})
         if cached.library is not None:
             load_library(cached.library, cached.library_sha256)  # one that is gone or changed is built again
-        return cached
-    except (FileNotFoundError, NotADirectoryError):
-        pass  # the first load on this machine (or a cache that cannot exist: see below)
+        if not (cached.provisional and _machine_idle()):
+            return cached
+        log.warning("minhub: the saved matmul plan was measured while other processes used %.0f%% of the CPUs; "
+                    "the machine is idle now: measuring again", 100 * cached.others_busy)
+    except (FileNotFoundError, NotADirectoryError):  # the first load on this machine (or a cache that cannot exist)
+        log.warning("minhub: measuring this CPU's matrix kernels, once per machine (about 15 s when it builds "
+                    "minhub's); the result is kept in %s (delete it to measure again)", directory)
     except Exception as e:  # an unreadable plan or library: measure again rather than fail the load
         log.warning("minhub: the saved matmul plan in %s is unusable (%s: %s); measuring again", directory,
                     type(e).__name__, e)
         library_path().unlink(missing_ok=True)
-    log.warning("minhub: measuring this CPU's matrix kernels, once per machine (about 15 s when it builds "
-                "minhub's); the result is kept in %s (delete it to measure again)", directory)
     measured = measure(library_path())
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -178,6 +191,14 @@ def _cached_or_measured(key: str) -> MatmulPlan:
                     "MINHUB_CACHE at a writable directory", e)
     log.warning("minhub: %s", measured.describe())
     return measured
+
+
+def _machine_idle(seconds: float = 0.2) -> bool:
+    """Whether other processes leave the CPUs idle (at most BUSY of their time) over the next `seconds`."""
+    start = hardware.cpu_times()
+    time.sleep(seconds)
+    share = hardware.others_share(start, hardware.cpu_times())
+    return share is not None and share <= BUSY
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -292,6 +313,7 @@ def measure(library_file: Path, rounds: int = 5) -> MatmulPlan:
     if not info.onednn:
         notes.append("no oneDNN in this torch")
 
+    start = hardware.cpu_times()  # after the build: the compiler's own processes do not count
     shapes = [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 4  # (out, in)
     seconds: dict[str, float] = {}
     kernels: dict[str, str] = {}
@@ -327,7 +349,8 @@ def measure(library_file: Path, rounds: int = 5) -> MatmulPlan:
     # the library is kept even where no choice is "minhub": minhub::attend is in it, and every process that reads
     # this plan must load what the measuring one did (a decode step's package key depends on it)
     return MatmulPlan(kernels=kernels, library=library, library_sha256=sha256,
-                      measured_gbs={k: round(v, 2) for k, v in measured.items()}, notes=tuple(notes))
+                      measured_gbs={k: round(v, 2) for k, v in measured.items()}, notes=tuple(notes),
+                      others_busy=hardware.others_share(start, hardware.cpu_times()))
 
 
 def _over_matrices(fn: Callable, x: dict[int, torch.Tensor], weights: list[torch.Tensor], biases: list[torch.Tensor],

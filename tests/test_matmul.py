@@ -9,6 +9,7 @@ replacing the capability probe (minhub.hardware.cpu_info) with one that lacks th
 import dataclasses
 import json
 import shutil
+import time
 
 import pytest
 import torch
@@ -281,6 +282,7 @@ def test_int8_through_minhub_linear_is_the_dequantized_weight_times_the_input(ro
 
 
 def test_the_plan_is_measured_once_and_read_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(hardware, "others_share", lambda start, end: 0.0)  # an idle machine: the plan is final
     built = matmul.library_path()
     monkeypatch.setenv("MINHUB_CACHE", str(tmp_path))
     monkeypatch.setattr(matmul, "_plans", {})
@@ -307,6 +309,45 @@ def test_the_plan_is_measured_once_and_read_back(tmp_path, monkeypatch):
     monkeypatch.setattr(matmul, "measure", lambda library_file: remeasured)
     assert matmul.plan() == remeasured
     assert json.loads(saved.read_text())["notes"] == ["measured again"]
+
+
+@pytest.mark.parametrize("idle_later", [True, False])
+def test_a_plan_measured_on_a_busy_machine_is_measured_again_once_it_is_idle(tmp_path, monkeypatch, caplog,
+                                                                              idle_later):
+    monkeypatch.setenv("MINHUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(matmul, "_plans", {})
+    fake_cpu(monkeypatch, cxx=None)  # nothing to build
+    shares = iter([0.6])  # other processes used 60% of the CPUs while measuring
+    monkeypatch.setattr(hardware, "others_share", lambda start, end: next(shares))
+    monkeypatch.setattr(matmul, "_timed_rounds", lambda candidates, rounds: {name: 0.01 for name in candidates})
+    busy = matmul.plan()
+    assert busy.provisional and busy.others_busy == 0.6 and "provisional" in busy.describe()
+    assert json.loads((tmp_path / matmul.machine_key() / "plan.json").read_text())["others_busy"] == 0.6
+
+    monkeypatch.setattr(matmul, "_plans", {})  # a new process: the idle check, then the measurement if idle
+    shares = iter([0.0, 0.0] if idle_later else [0.5])
+    again = matmul.plan()
+    assert again.provisional is not idle_later
+    assert ("idle now: measuring again" in caplog.text) is idle_later
+    if idle_later:  # the final plan is kept: the next process reads it without checking or measuring
+        monkeypatch.setattr(matmul, "_plans", {})
+        monkeypatch.setattr(matmul, "measure", lambda library_file: pytest.fail("measured again"))
+        assert matmul.plan() == again
+
+
+def test_other_processes_share_of_the_cpus_is_read_from_proc_stat():
+    start = hardware.cpu_times()
+    if start is None:
+        pytest.skip("no /proc/stat on this system")
+    spin = time.perf_counter() + 0.3
+    while time.perf_counter() < spin:  # this process's own work is not the others'
+        pass
+    share = hardware.others_share(start, hardware.cpu_times())
+    assert share is not None and 0.0 <= share <= 1.0
+    own = hardware.CPUTimes(busy=10.0, total=20.0, own=5.0)
+    assert hardware.others_share(own, hardware.CPUTimes(busy=11.0, total=22.0, own=6.0)) == 0.0
+    assert hardware.others_share(own, hardware.CPUTimes(busy=12.0, total=22.0, own=5.5)) == 0.75
+    assert hardware.others_share(own, own) is None and hardware.others_share(None, own) is None
 
 
 def test_a_saved_library_that_changed_is_measured_again(tmp_path, monkeypatch, caplog):
