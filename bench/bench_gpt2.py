@@ -149,7 +149,8 @@ def load_benchmark(model_dir: Path, rounds: int) -> dict:
     }
     # peak RSS from /proc (VmHWM, in kB): ru_maxrss survives exec, so a child of this big process would report
     # its parent's peak
-    probe = ("import re, sys, torch; hwm = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1]);"
+    probe = ("import re, sys, torch; "
+             "hwm = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1]);"
              " base = hwm(); {load}; m(torch.tensor([[1, 2, 3]])); print(base, hwm())")
     out = {}
     for name, load in scripts.items():

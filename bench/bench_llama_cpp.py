@@ -1,15 +1,18 @@
-"""minhub next to llama.cpp on the same GPT-2 124M weights, on this CPU (optional: not part of the tests or CI).
+"""minhub next to llama.cpp on the same weights, on this CPU (optional: not part of the tests or CI).
 
 llama.cpp is what a user would pick for CPU inference instead, so its speed is the bar. This script:
 1. downloads the llama-cpp-python source distribution with pip (it vendors llama.cpp and its GGUF converter) and
    builds llama.cpp's `llama-bench` with -DGGML_NATIVE=ON: 5-10 minutes on 2 cores, once (kept in --work);
-2. writes a random checkpoint with GPT-2 124M's shapes (or takes --model DIR) and converts it to GGUF, f32 and q8_0,
-   with llama.cpp's own converter (needs `pip install gguf`, and transformers from the test extra);
+2. writes a random checkpoint of --shape (GPT-2 124M, or a bench_families.py shape such as SmolLM2-135M's; or takes
+   --model DIR, a GPT-2) and converts it to GGUF with llama.cpp's own converter (needs `pip install gguf
+   sentencepiece`, and transformers from the test extra): GPT-2 to f32 and q8_0; the other shapes to f32, bf16 and
+   q8_0, each against minhub at the same precision (fp32, bf16, int8). The converter wants a tokenizer: GPT-2's, cut or
+   padded to the shape's vocabulary (it checks which pre-tokenizer the vocabulary is; told it is GPT-2's, as it is);
 3. runs `llama-bench -t THREADS -p 32 -n 64 -pg 32,64 -r 1` and minhub on the same checkpoint in turn, for --rounds
    paired rounds (this machine's bandwidth moves within minutes), and prints the medians: decode alone (tokens/s
    after the prompt) and a 32-token prompt plus 64 new tokens counted as 64 / whole time.
 
-Run from the repo root:  python bench/bench_llama_cpp.py
+Run from the repo root:  python bench/bench_llama_cpp.py [--shape smollm2-135m]
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_families import SHAPES, write_checkpoint  # noqa: E402
 from bench_gpt2 import (decode_rate, eager_step, machine, ours, print_table,  # noqa: E402
                         write_random_gpt2)
 
-from minhub import gpt2_from_pretrained, hardware, matmul  # noqa: E402
+from minhub import from_pretrained, gpt2_from_pretrained, hardware, matmul  # noqa: E402
 from minhub.speed import compile_decode, quantize_int8  # noqa: E402
 
 TOKENIZER = Path(__file__).parents[1] / "tests" / "fixtures" / "gpt2-tokenizer"
@@ -43,7 +47,7 @@ def llama_cpp_source(work: Path, version: str) -> Path:
     unpacked = work / f"llama_cpp_python-{version}"
     if not unpacked.is_dir():
         work.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
                         f"llama-cpp-python=={version}", "-d", str(work)], check=True)
         with tarfile.open(work / f"llama_cpp_python-{version}.tar.gz") as archive:
             archive.extractall(work, filter="data")
@@ -62,13 +66,39 @@ def build_llama_bench(source: Path, work: Path, jobs: int) -> Path:
     return binary
 
 
-def to_gguf(source: Path, model_dir: Path, outtype: str, out: Path) -> Path:
-    """The checkpoint converted by llama.cpp's convert_hf_to_gguf.py (its vendored gguf-py first on the path)."""
+# convert_hf_to_gguf.py, run with the pre-tokenizer check answered: a cut GPT-2 vocabulary is GPT-2's pre-tokenizer
+# (the converter recognises a vocabulary by hashing how it splits a test text, and a cut one splits differently)
+CONVERT_AS_GPT2 = """
+import runpy, sys
+from conversion import base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def to_gguf(source: Path, model_dir: Path, outtype: str, out: Path, gpt2_vocab: bool = False) -> Path:
+    """The checkpoint converted by llama.cpp's convert_hf_to_gguf.py (its vendored gguf-py first on the path);
+    gpt2_vocab: the checkpoint carries a cut GPT-2 tokenizer (gpt2_tokenizer_for)."""
     if not out.is_file():
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source / "gguf-py"), str(source)])}
-        subprocess.run([sys.executable, str(source / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", outtype,
+        prefix = [sys.executable, "-c", CONVERT_AS_GPT2] if gpt2_vocab else [sys.executable]
+        subprocess.run([*prefix, str(source / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", outtype,
                         "--outfile", str(out)], check=True, env=env)
     return out
+
+
+def gpt2_tokenizer_for(model_dir: Path, vocab_size: int) -> None:
+    """Write GPT-2's tokenizer into model_dir with its ids cut to vocab_size (the merges that stay inside it kept;
+    the converter pads a larger vocabulary itself): llama.cpp's speed does not depend on which tokens exist."""
+    tokenizer = json.loads((TOKENIZER / "tokenizer.json").read_text())
+    vocab = {token: i for token, i in tokenizer["model"]["vocab"].items() if i < vocab_size}
+    merges = [m if isinstance(m, list) else m.split(" ") for m in tokenizer["model"]["merges"]]
+    tokenizer["model"]["vocab"] = vocab
+    tokenizer["model"]["merges"] = [m for m in merges if m[0] in vocab and m[1] in vocab and m[0] + m[1] in vocab]
+    tokenizer["added_tokens"] = [t for t in tokenizer["added_tokens"] if t["id"] < vocab_size]
+    (model_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
 
 
 def without_mask_buffers(path: Path) -> None:
@@ -99,23 +129,29 @@ def llama_bench(binary: Path, models: dict[str, Path], threads: int, rounds: int
     return results
 
 
-def minhub_models(model_dir: Path) -> dict[str, torch.nn.Module]:
-    """minhub's default fp32 and int8 paths (batch 1: the precompiled decode step), fp32 through the eager step, and
-    fp32 through compile_decode, on the checkpoint, warmed up (and compiled)."""
-    models = {"minhub fp32 (default)": gpt2_from_pretrained(model_dir),
-              "minhub fp32, eager step": eager_step(gpt2_from_pretrained(model_dir)),
-              "minhub int8 (quantize_int8)": quantize_int8(gpt2_from_pretrained(model_dir))}
-    if hardware.cpu_info().can_compile:
-        models["minhub fp32 compile_decode"] = compile_decode(gpt2_from_pretrained(model_dir))
+def minhub_models(model_dir: Path, shape: str) -> dict[str, torch.nn.Module]:
+    """minhub's paths on the checkpoint, warmed up (and compiled). GPT-2: the default fp32 and int8 (batch 1: the
+    precompiled decode step), fp32 through the eager step and through compile_decode. Other shapes: the default
+    fp32, bf16 and int8, the precisions of llama.cpp's f32, bf16 and q8_0."""
+    if shape != "gpt2-124m":
+        models = {"minhub fp32 (default)": from_pretrained(model_dir),
+                  "minhub bf16 (default)": from_pretrained(model_dir, dtype=torch.bfloat16),
+                  "minhub int8 (quantize_int8)": quantize_int8(from_pretrained(model_dir))}
     else:
-        print(f"minhub fp32 compile_decode: unavailable ({hardware.cpu_info().describe()})")
+        models = {"minhub fp32 (default)": gpt2_from_pretrained(model_dir),
+                  "minhub fp32, eager step": eager_step(gpt2_from_pretrained(model_dir)),
+                  "minhub int8 (quantize_int8)": quantize_int8(gpt2_from_pretrained(model_dir))}
+        if hardware.cpu_info().can_compile:
+            models["minhub fp32 compile_decode"] = compile_decode(gpt2_from_pretrained(model_dir))
+        else:
+            print(f"minhub fp32 compile_decode: unavailable ({hardware.cpu_info().describe()})")
     with torch.inference_mode():
         for model in models.values():
             ours(model, PROMPT, 4)
     return models
 
 
-PROMPT = torch.randint(0, 50257, (1, 32), generator=torch.Generator().manual_seed(0))
+PROMPT = torch.randint(0, 49152, (1, 32), generator=torch.Generator().manual_seed(0))  # inside every shape's vocab
 
 
 def minhub_round(models: dict[str, torch.nn.Module]) -> dict[str, dict[str, float]]:
@@ -132,6 +168,7 @@ def minhub_round(models: dict[str, torch.nn.Module]) -> dict[str, dict[str, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=["gpt2-124m", *sorted(SHAPES)], default="gpt2-124m")
     parser.add_argument("--model", default=None, help="a GPT-2 checkpoint directory (default: random 124M)")
     parser.add_argument("--work", default=str(matmul.cache_dir() / "llama.cpp"), help="where llama.cpp is built")
     parser.add_argument("--llama-cpp-python", default="0.3.36", help="the sdist version that vendors llama.cpp")
@@ -144,20 +181,24 @@ def main() -> None:
     source = llama_cpp_source(work, args.llama_cpp_python)
     binary = build_llama_bench(source, work, os.cpu_count() or 2)
     tmp = tempfile.TemporaryDirectory()
-    if args.model:
-        model_dir = Path(args.model)
+    model_dir = Path(args.model) if args.model else Path(tmp.name) / args.shape
+    if args.shape != "gpt2-124m":
+        write_checkpoint(args.shape, model_dir)
+        gpt2_tokenizer_for(model_dir, SHAPES[args.shape][2]["vocab_size"])
+        gguf = {f"llama.cpp {t}": to_gguf(source, model_dir, t, Path(tmp.name) / f"{t}.gguf", gpt2_vocab=True)
+                for t in ("f32", "bf16", "q8_0")}
     else:
-        model_dir = write_random_gpt2(Path(tmp.name) / "gpt2")
-        without_mask_buffers(model_dir / "model.safetensors")
-        for name in ("vocab.json", "merges.txt", "tokenizer.json"):  # the converter reads GPT-2's tokenizer
-            shutil.copy(TOKENIZER / name, model_dir / name)
-    gguf = {"llama.cpp f32": to_gguf(source, model_dir, "f32", Path(tmp.name) / "gpt2-f32.gguf"),
-            "llama.cpp q8_0": to_gguf(source, model_dir, "q8_0", Path(tmp.name) / "gpt2-q8_0.gguf")}
+        if not args.model:
+            write_random_gpt2(model_dir)
+            without_mask_buffers(model_dir / "model.safetensors")
+            for name in ("vocab.json", "merges.txt", "tokenizer.json"):  # the converter reads GPT-2's tokenizer
+                shutil.copy(TOKENIZER / name, model_dir / name)
+        gguf = {f"llama.cpp {t}": to_gguf(source, model_dir, t, Path(tmp.name) / f"{t}.gguf") for t in ("f32", "q8_0")}
 
     print(f"machine: {machine()}")
     print(f"matmul plan: {matmul.plan().describe()}")
     print(f"llama.cpp: {source} (llama-cpp-python {args.llama_cpp_python}), built with -DGGML_NATIVE=ON")
-    models = minhub_models(model_dir)
+    models = minhub_models(model_dir, args.shape)
     rounds: dict[str, dict[str, list[float]]] = {}
     for _ in range(args.rounds):  # paired: each round runs llama-bench once, then each minhub path once
         for name, r in {**llama_bench(binary, gguf, args.threads, 1), **minhub_round(models)}.items():
@@ -165,7 +206,7 @@ def main() -> None:
                 rounds.setdefault(name, {}).setdefault(kind, []).append(value)
     rates = {name: {kind: statistics.median(v) for kind, v in r.items()} for name, r in rounds.items()}
     print()
-    print_table(["GPT-2 124M, batch 1, greedy", "decode alone (tok/s)",
+    print_table([f"{args.shape}, random weights, batch 1, greedy", "decode alone (tok/s)",
                  "32-token prompt + 64 new, 64 / whole time (tok/s)"],
                 [[name, f"{r.get('decode', float('nan')):.1f}", f"{r.get('prompt + decode', float('nan')):.1f}"]
                  for name, r in rates.items()])

@@ -2,7 +2,8 @@
 
 It is built from the contract's forward (docs/contract.md), so every model file gets it. Why: at batch 1 a GPT-2
 step is ~50 weight matrix products and ~500 small ops. Run eagerly, the small ops and the Python between them cost
-2-4 ms a token: a sixth of an fp32 token of GPT-2 124M on a 2-core CPU, a third of an int8 one. Exported (torch.export) and compiled by AOTInductor, they become a few fused C++ loops; the matrix products stay
+2-4 ms a token: a sixth of an fp32 token of GPT-2 124M on a 2-core CPU, a third of an int8 one. Exported
+(torch.export) and compiled by AOTInductor, they become a few fused C++ loops; the matrix products stay
 minhub.matmul's kernels (minhub::linear is an opaque call in the graph), and attention for the one new query goes to
 minhub::attend (attend_one_query).
 
@@ -11,12 +12,11 @@ call the model's own weights and KV cache are bound to it as "user-managed const
 once per machine, torch version, model shape and weight layout, matmul kernels and source of the traced code, in
 <cache>/steps/<key>.pt2 (20-40 s on 2 cores, with a message); later processes load it in milliseconds.
 
-The engine (minhub.generation, through minhub.speed) takes it for one prompt (batch 1, no attention mask) of a model
-on the CPU whose weights
-are at least MIN_WEIGHT_BYTES (below that, a compile is never paid back), on a machine with a C++ compiler.
-MINHUB_DECODE=eager turns it off, MINHUB_DECODE=compiled takes it for any size. Where it cannot be built (remembered
-on disk, so that later processes do not try again) or does not take the model's tensors, decoding is eager, with one
-warning saying why.
+The engine (minhub.generation, through minhub.speed) takes it for one prompt (batch 1, no attention mask) of a model on
+the CPU whose weights are at least MIN_WEIGHT_BYTES (below that, a compile is never paid back), on a machine with a C++
+compiler. MINHUB_DECODE=eager turns it off, MINHUB_DECODE=compiled takes it for any size. Where it cannot be built
+(remembered on disk, so that later processes do not try again) or does not take the model's tensors, decoding is eager,
+with one warning saying why.
 """
 
 from __future__ import annotations
