@@ -3,8 +3,7 @@
 Reading order follows the data: `GPT2Config` -> `KVCache` -> `CausalSelfAttention` -> `MLP` -> `Block` -> `GPT2`,
 then loading (`gpt2_from_pretrained`) and sampling (`generate`). Module names mirror the hub checkpoints, so loading
 is an identity map plus three quirks (`hub_name_to_minhub`). Only torch and the standard library are imported at
-module level: the file works copied alone. The minhub package builds on it (minhub.hub: typed loading errors;
-minhub.generation: batches, EOS, streaming, window sliding).
+module level: the file works copied alone (minhub.hub and minhub.generation build on it).
 
 References: Radford et al. 2019; transformers' modeling_gpt2.py (the tests' reference); nanoGPT; gpt-fast.
 Shapes: B batch, T tokens, L cached keys, C n_embd, nh heads, hs head size, V vocabulary.
@@ -22,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 ACTIVATIONS = {"gelu_new": partial(F.gelu, approximate="tanh"),  # what every OpenAI GPT-2 checkpoint uses
                "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"), "gelu": F.gelu, "relu": F.relu,
@@ -74,17 +73,14 @@ class GPT2Config:
         if config.get("model_type", "gpt2") != "gpt2" or config.get("add_cross_attention"):
             raise ValueError(f"this is a {config.get('model_type')!r} checkpoint, not GPT-2 (model_type must be "
                              "'gpt2', add_cross_attention (an encoder-decoder GPT-2) false)")
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in known})
+        return cls(**{k: v for k, v in config.items() if k in {f.name for f in fields(cls)}})
 
     def to_dict(self) -> dict[str, Any]:
         """The config.json that transformers and `from_dict` both read."""
         return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], **asdict(self)}
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Model
-
+# ------------------------------------------------------- Model --------------------------------------------------------
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     # at inference not even a call: on the CPU each op after a weight matmul starts with cold caches (tens of us)
@@ -92,8 +88,7 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 
 class KVCache(nn.Module):
-    """Keys and values of the positions seen so far, preallocated once and written in place (one small write per
-    decoded token, where transformers concatenates the whole cache)."""
+    """Keys and values seen so far, preallocated and written in place (transformers concatenates the whole cache)."""
 
     def __init__(self, batch_size: int, n_kv_head: int, max_len: int, head_size: int, dtype: torch.dtype,
                  device: torch.device) -> None:
@@ -103,9 +98,8 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, nh, T, hs) into the first B rows at slots [start, start + T); return those rows' keys and
-        values up to there. Fewer rows than the cache holds use its first rows (a server decodes only those in use)."""
-        B, end = k.size(0), start + k.size(2)
+        """Write k, v (B, nh, T, hs) at slots [start, start + T) of rows [0, B); return their keys and values so far."""
+        B, end = k.size(0), start + k.size(2)  # B <= the cache's rows: a server decodes only those in use
         self.k[:B, :, start:end] = k
         self.v[:B, :, start:end] = v
         return self.k[:B, :, :end], self.v[:B, :, :end]  # (B, nh, L, hs) views, no copy
@@ -121,8 +115,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.n_head = config.n_head
-        self.head_size = config.n_embd // config.n_head
+        self.n_head, self.head_size = config.n_head, config.n_embd // config.n_head
         self.scale = self.head_size**-0.5 if config.scale_attn_weights else 1.0
         if config.scale_attn_by_inverse_layer_idx:
             self.scale /= layer_idx + 1
@@ -153,8 +146,7 @@ class MLP(nn.Module):
         n_inner = config.n_inner or 4 * config.n_embd
         self.c_fc = nn.Linear(config.n_embd, n_inner)
         self.c_proj = nn.Linear(n_inner, config.n_embd)
-        self.act = ACTIVATIONS[config.activation_function]
-        self.resid_pdrop = config.resid_pdrop
+        self.act, self.resid_pdrop = ACTIVATIONS[config.activation_function], config.resid_pdrop
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dropout(self.c_proj(self.act(self.c_fc(x))), self.resid_pdrop, self.training)
@@ -179,15 +171,16 @@ class GPT2(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
+        C = config.n_embd
+        self.transformer = nn.ModuleDict({
             # token and learned absolute position embeddings; an explicit empty _weight skips nn.Embedding's own
             # normal_() init, which on the meta device imports torch._dynamo (~2 s); init_weights() fills them
-            wte=nn.Embedding(config.vocab_size, config.n_embd, _weight=torch.empty(config.vocab_size, config.n_embd)),
-            wpe=nn.Embedding(config.n_positions, config.n_embd, _weight=torch.empty(config.n_positions, config.n_embd)),
-            h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
-            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
-        ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+            "wte": nn.Embedding(config.vocab_size, C, _weight=torch.empty(config.vocab_size, C)),
+            "wpe": nn.Embedding(config.n_positions, C, _weight=torch.empty(config.n_positions, C)),
+            "h": nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+            "ln_f": nn.LayerNorm(C, eps=config.layer_norm_epsilon),
+        })
+        self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         self.cache_len = 0  # slots in the KV cache, 0 until setup_cache()
@@ -208,8 +201,7 @@ class GPT2(nn.Module):
 
     def setup_cache(self, batch_size: int, max_len: int | None = None) -> None:
         """Allocate the KV cache for `batch_size` rows and `max_len` slots (default n_positions); reused if it fits."""
-        max_len = max_len or self.config.n_positions
-        p = self.transformer.wte.weight  # the cache takes the model's dtype and device
+        max_len, p = max_len or self.config.n_positions, self.transformer.wte.weight  # p: the cache's dtype and device
         old = self.transformer.h[0].attn.kv_cache
         if old is not None and old.fits(batch_size, max_len, p.dtype, p.device):
             return
@@ -224,14 +216,11 @@ class GPT2(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache_pos: int | None = None, attention_mask: torch.Tensor | None = None, *,
                 only_last: bool = False) -> torch.Tensor:
-        """Logits (B, T, V) for token ids `idx` (B, T).
-
-        cache_pos: None runs without a cache (training, scoring); an int writes idx's keys and values into the KV
-            cache (`setup_cache`) at slots [cache_pos, cache_pos + T) and attends to every slot before them.
-        attention_mask: (B, cache_pos + T), 0 for left padding: positions count real tokens only, so a padded row
-            computes what it would alone. only_last: logits of the last position only."""
-        B, T = idx.shape
-        start = 0 if cache_pos is None else cache_pos
+        """Logits (B, T, V) for token ids `idx` (B, T). cache_pos: None runs without a cache (training, scoring); an
+        int writes idx's keys and values into the KV cache (`setup_cache`) at slots [cache_pos, cache_pos + T) and
+        attends to every slot before them. attention_mask: (B, cache_pos + T), 0 for left padding: positions count
+        real tokens only, so a padded row computes what it would alone. only_last: logits of the last position only."""
+        T, start = idx.size(1), 0 if cache_pos is None else cache_pos
         if start + T > self.config.n_positions:
             raise ValueError(f"positions [{start}, {start + T}) do not fit the context window n_positions="
                              f"{self.config.n_positions}: keep the last tokens, or use generate(), which slides")
@@ -246,8 +235,7 @@ class GPT2(nn.Module):
         x = dropout(self.transformer.wte(idx) + self.transformer.wpe(pos), self.config.embd_pdrop, self.training)
         for block in self.transformer.h:
             x = block(x, mask, cache_pos)
-        if only_last:
-            x = x[:, -1:]
+        x = x[:, -1:] if only_last else x
         return self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
 
     @staticmethod
@@ -260,14 +248,12 @@ class GPT2(nn.Module):
         k_slot = torch.arange(L, device=device)[None, :]  # (1, L)
         mask = k_slot <= q_slot  # (T, L) causal
         if attention_mask is not None:
-            # a padding slot may see only itself: a query row with every key masked would give NaN, and NaN times
-            # a zero attention weight is still NaN in the real rows
+            # a padding slot may see only itself: a query with every key hidden would give NaN in the real rows too
             mask = (mask & attention_mask[:, None, None, :L].bool()) | (k_slot == q_slot)  # (B, 1, T, L)
         return mask
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Loading the hub's weights
+# --------------------------------------------- Loading the hub's weights ----------------------------------------------
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")  # causal-mask buffers some checkpoints store
@@ -301,13 +287,11 @@ def gpt2_from_state_dict(config: GPT2Config, state_dict: dict[str, torch.Tensor]
 def gpt2_from_pretrained(identifier: str | os.PathLike = "gpt2", revision: str | None = None, *,
                          dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> GPT2:
     """Load GPT-2 from a hub repo id ('gpt2', 'gpt2-medium', ...) or a local directory: config.json and
-    model.safetensors (or pytorch_model.bin, read with weights_only=True so it cannot run code). minhub's own
-    gpt2_from_pretrained (minhub/hub.py) adds sharded files, one pinned commit, errors naming each misfit weight,
-    offline hints, a device check and huggingface_hub's options."""
+    model.safetensors (or pytorch_model.bin, read with weights_only=True so it cannot run code). minhub.hub's version
+    adds sharded files, a pinned commit, errors naming each misfit weight, offline hints and a device check."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
     from safetensors.torch import load_file
-
     local = Path(identifier).expanduser()
 
     def fetch(filename: str) -> Path:
@@ -323,9 +307,7 @@ def gpt2_from_pretrained(identifier: str | os.PathLike = "gpt2", revision: str |
     return gpt2_from_state_dict(config, state_dict).to(device=device, dtype=dtype or torch.float32).eval()
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Sampling
-
+# ------------------------------------------------------ Sampling ------------------------------------------------------
 
 def sample_top_k(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = 50,
                  generator: torch.Generator | None = None) -> torch.Tensor:
@@ -344,10 +326,8 @@ def generate(model: GPT2, idx: torch.Tensor, max_new_tokens: int, temperature: f
              generator: torch.Generator | None = None) -> torch.Tensor:
     """Continue the prompts idx (B, T) by max_new_tokens sampled tokens; return (B, T + max_new_tokens).
 
-    The prompt fills the KV cache once, then each step feeds one token. Past n_positions each token is predicted from
-    the last n_positions (positions shift: a full forward per token). minhub.generate adds padded batches, EOS,
-    streaming, top-p, a faster sliding window and argument checks.
-    """
+    The prompt fills the KV cache once, then each step feeds one token; past n_positions, each step reruns the last
+    n_positions (positions shift). minhub.generate adds padded batches, EOS, streaming, top-p and faster sliding."""
     n_ctx = model.config.n_positions
     model.setup_cache(idx.size(0))
     logits = model(idx[:, -n_ctx:], 0, only_last=True)[:, -1]

@@ -2,7 +2,8 @@
 
 zeta's `GPT4` wraps an x-transformers Decoder in an AutoregressiveWrapper but cannot run (its forward feeds logits
 back in as token ids, generate() raises, dim_head is dropped, the flash QK-norm temperature is inverted). This file
-computes what x-transformers computes (the tests compare logits, losses, greedy tokens) and has a KV cache.
+computes what x-transformers computes (the tests compare logits, losses, greedy tokens) and has a KV cache. Only torch
+and the standard library are imported at module level: the file works copied alone.
 
 The math (T queries, L keys, H heads, d dim_head, r = d // 2 rotary channels):
 - Block: x += Attn(LN(x)); x += FF(LN(x)); LayerNorms without bias; FF = Linear(D, 4D), exact GELU, Linear(4D, D).
@@ -12,7 +13,6 @@ The math (T queries, L keys, H heads, d dim_head, r = d // 2 rotary channels):
 - rotary_xpos: rotary embedding on the first r channels, pairs (0,1), (2,3), ...; xPos multiplies queries by
   zeta ** ((n - c) / 512) and keys by its inverse, zeta_i = (2i + 0.4 r) / (1.4 r): scores decay with distance.
 - alibi_pos_bias: score bias -slope_h * |i - j| on the first alibi_num_heads heads only.
-Only torch and the standard library are imported at module level: the file works copied alone.
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 
 @dataclass
@@ -55,7 +56,7 @@ class GPT4Config:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.alibi_pos_bias and not 0 < self.alibi_num_heads <= self.heads:
             raise ValueError(f"alibi_num_heads must be in [1, heads={self.heads}], got {self.alibi_num_heads}")
-        if self.use_qk_norm and self.dim_head <= 2:
+        if self.qk_norm and self.attn_qk_norm and self.dim_head <= 2:
             raise ValueError("QK-norm needs dim_head > 2 (x-transformers' limit)")
         if self.rotary_xpos and self.dim_head < 2:
             raise ValueError("rotary embeddings need dim_head >= 2")
@@ -68,39 +69,22 @@ class GPT4Config:
         return cls(**{k: v for k, v in config.items() if k in {f.name for f in fields(cls)}})
 
     @property
-    def vocab_size(self) -> int:
-        """num_tokens under the name every minhub model config answers to."""
+    def vocab_size(self) -> int:  # num_tokens under the name every minhub model config answers to
         return self.num_tokens
 
     @property
-    def context_length(self) -> int:
-        """max_seq_len under the name every minhub model config answers to."""
+    def context_length(self) -> int:  # max_seq_len likewise (docs/contract.md)
         return self.max_seq_len
-
-    @property
-    def use_qk_norm(self) -> bool:
-        return self.qk_norm and self.attn_qk_norm
-
-    @property
-    def kv_heads(self) -> int:
-        return 1 if self.attn_one_kv_head else self.heads
-
-    @property
-    def use_abs_pos(self) -> bool:
-        return self.use_abs_pos_emb and not (self.alibi_pos_bias or self.rotary_xpos)
 
 
 def alibi_slopes(n: int) -> list[float]:
     """ALiBi head slopes (Press et al. 2022): powers of 2^(-8/n); for n not a power of two, those of the closest
     lower power of two, then every other slope of the next one."""
-
     def power_of_2(n: int) -> list[float]:
         start = 2 ** (-(2 ** -(math.log2(n) - 3)))
         return [start ** (i + 1) for i in range(n)]
 
-    if math.log2(n).is_integer():
-        return power_of_2(n)
-    closest = 2 ** math.floor(math.log2(n))
+    closest = 2 ** math.floor(math.log2(n))  # n itself when n is a power of two (then the second list is empty)
     return power_of_2(closest) + power_of_2(2 * closest)[0::2][: n - closest]
 
 
@@ -115,17 +99,13 @@ def rotary_xpos_tables(rot_dim: int, max_len: int, scale_base: float = 512.0, ba
     return torch.stack((angles.cos(), angles.sin(), scale))
 
 
-def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
-    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): a quarter turn of every channel pair."""
-    x = x.unflatten(-1, (-1, 2))
-    return torch.stack((-x[..., 1], x[..., 0]), dim=-1).flatten(-2)
-
-
 def apply_rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Rotate (and xPos-scale) the first cos.size(-1) channels of t (..., T, d); the rest pass through."""
     r = cos.size(-1)
     rotated, rest = t[..., :r].float(), t[..., r:]
-    rotated = (rotated * cos + rotate_pairs(rotated) * sin) * scale
+    pairs = rotated.unflatten(-1, (-1, 2))
+    turned = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)  # (x0, x1, ...) -> (-x1, x0, ...)
+    rotated = (rotated * cos + turned * sin) * scale
     return torch.cat((rotated.to(t.dtype), rest), dim=-1)
 
 
@@ -140,12 +120,11 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, kv_heads, T, d) into the first B rows at slots [start, start + T); return those rows' keys
-        and values up to there."""
+        """Write k, v (B, kv, T, d) at slots [start, start + T) of rows [0, B); return their keys and values so far."""
         B, end = k.size(0), start + k.size(2)
         self.k[:B, :, start:end] = k
         self.v[:B, :, start:end] = v
-        return self.k[:B, :, :end], self.v[:B, :, :end]  # (B, kv_heads, L, d)
+        return self.k[:B, :, :end], self.v[:B, :, :end]  # (B, kv, L, d)
 
     def fits(self, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device) -> bool:
         """Whether this cache can be reused as one of this shape (inference tensors stay in inference mode)."""
@@ -156,16 +135,15 @@ class KVCache(nn.Module):
 class Attention(nn.Module):
     def __init__(self, config: GPT4Config) -> None:
         super().__init__()
-        H, kv, d = config.heads, config.kv_heads, config.dim_head
+        H, kv, d = config.heads, 1 if config.attn_one_kv_head else config.heads, config.dim_head
         self.heads, self.kv_heads, self.dim_head = H, kv, d
         self.to_q = nn.Linear(config.dim, H * d, bias=False)
         self.to_k = nn.Linear(config.dim, kv * d, bias=False)
         self.to_v = nn.Linear(config.dim, kv * d, bias=False)
         self.to_out = nn.Linear(H * d, config.dim, bias=False)
-        self.qk_norm = config.use_qk_norm
+        self.qk_norm = config.qk_norm and config.attn_qk_norm
         self.scale = d**-0.5
-        if self.qk_norm and config.attn_qk_norm_dim_scale:
-            # learned gains; d^0.25 each makes the initial temperature 1/sqrt(d) * sqrt(d) = 1
+        if self.qk_norm and config.attn_qk_norm_dim_scale:  # learned gains, d^0.25 each: initial temperature 1
             self.q_scale = nn.Parameter(torch.full((H, 1, d), d**0.25))
             self.k_scale = nn.Parameter(torch.full((kv, 1, d), d**0.25))
         elif self.qk_norm:
@@ -184,26 +162,23 @@ class Attention(nn.Module):
             if self.q_scale is not None:
                 q, k = q * self.q_scale, k * self.k_scale
         if rotary is not None:
-            cos, sin, xpos = rotary  # (T, r) or (B, 1, T, r) each, for these positions
-            q = apply_rotary(q, cos, sin, xpos)
-            k = apply_rotary(k, cos, sin, 1.0 / xpos)  # keys get the inverse xPos scale
+            cos, sin, xpos = rotary  # (1, T, r) or (B, 1, T, r) each, for these positions
+            q, k = apply_rotary(q, cos, sin, xpos), apply_rotary(k, cos, sin, 1.0 / xpos)  # keys: inverse xPos scale
         if cache_pos is not None:
             k, v = self.kv_cache.update(cache_pos, k, v)  # (B, kv, L, d), rotated keys of every cached slot
         if self.kv_heads != self.heads:
             k, v = k.expand(B, self.heads, -1, -1), v.expand(B, self.heads, -1, -1)  # one kv head for all
-        y = self.attend(q, k, v, mask)  # (B, H, T, d)
-        return self.to_out(y.transpose(1, 2).reshape(B, T, self.heads * self.dim_head))
+        return self.to_out(self.attend(q, k, v, mask).transpose(1, 2).reshape(B, T, self.heads * self.dim_head))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """softmax(q k^T * scale + mask) v. mask: None (causal, or all keys for a single query), a float bias with
         -inf where a key is hidden (ALiBi), or a boolean visibility mask."""
         T = q.size(2)
-        if self.flash:
-            # a float mask (ALiBi) rules out the FlashAttention kernel: SDPA picks the memory-efficient or math one
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                                  scale=self.scale)
+        causal = mask is None and T > 1
+        if self.flash:  # with a float mask (ALiBi), SDPA runs its memory-efficient or math kernel, not FlashAttention
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale)
         scores = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, T, L)
-        if mask is None and T > 1:
+        if causal:
             mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
         if mask is not None:
             scores = scores + mask if mask.is_floating_point() else scores.masked_fill(~mask, float("-inf"))
@@ -243,7 +218,7 @@ class Transformer(nn.Module):
         self.token_emb = nn.Embedding(config.num_tokens, config.dim,
                                       _weight=torch.empty(config.num_tokens, config.dim))
         self.pos_emb = None
-        if config.use_abs_pos:
+        if config.use_abs_pos_emb and not (config.alibi_pos_bias or config.rotary_xpos):
             self.pos_emb = nn.Embedding(config.max_seq_len, config.dim,
                                         _weight=torch.empty(config.max_seq_len, config.dim))
         self.layers = nn.ModuleList(Block(config) for _ in range(config.depth))
@@ -276,22 +251,16 @@ class Transformer(nn.Module):
         if old is not None and old.fits(batch_size, max_len, w.dtype, w.device):
             return
         for block in self.layers:
-            block.attn.kv_cache = KVCache(batch_size, self.config.kv_heads, max_len, self.config.dim_head, w.dtype,
+            block.attn.kv_cache = KVCache(batch_size, block.attn.kv_heads, max_len, block.attn.dim_head, w.dtype,
                                           w.device)
         self.cache_len = max_len
-
-    def kv_caches(self) -> list[KVCache]:
-        """Every layer's KV cache, in order (after setup_cache)."""
-        return [block.attn.kv_cache for block in self.layers]
 
     def forward(self, tokens: torch.Tensor, cache_pos: int | None = None, attention_mask: torch.Tensor | None = None,
                 *, only_last: bool = False) -> torch.Tensor:
         """Logits (B, T, num_tokens). cache_pos: None for a full forward; an int writes this chunk's keys and values
-        into the KV cache at slots [cache_pos, cache_pos + T) and attends to every slot before them.
-        attention_mask: (B, cache_pos + T), 0 for left padding: positions count real tokens only, so a padded row
-        computes what it would alone. only_last: logits of the last position only."""
-        B, T = tokens.shape
-        start = cache_pos or 0
+        into the KV cache at slots [cache_pos, cache_pos + T) and attends to every slot before them. attention_mask:
+        (B, cache_pos + T), 0 for left padding: positions count real tokens only. only_last: last position's logits."""
+        T, start = tokens.size(1), cache_pos or 0
         if start + T > self.config.max_seq_len:
             raise ValueError(f"positions [{start}, {start + T}) exceed max_seq_len={self.config.max_seq_len}: keep the "
                              f"last {self.config.max_seq_len} tokens, or use generate(), which slides")
@@ -305,15 +274,11 @@ class Transformer(nn.Module):
         x = self.token_emb(tokens)  # (B, T, D)
         if self.pos_emb is not None:
             x = x + self.pos_emb(pos[..., start:]) * self.config.dim**-0.5
-        rotary = None
-        if self.config.rotary_xpos:
-            rotary = self.rotary[:, pos[..., start:]]  # (3, T, r), or (3, B, T, r) per row
-            rotary = rotary if attention_mask is None else rotary.unsqueeze(2)  # (3, B, 1, T, r): one for all heads
+        rotary = self.rotary[:, pos[..., None, start:]] if self.config.rotary_xpos else None  # (3, [B,] 1, T, r)
         mask = self.attention_mask(pos, attention_mask, start, T)
         for block in self.layers:
             x = block(x, rotary, mask, cache_pos)
-        if only_last:
-            x = x[:, -1:]
+        x = x[:, -1:] if only_last else x
         return self.to_logits(self.final_norm(x))
 
     def attention_mask(self, pos: torch.Tensor, attention_mask: torch.Tensor | None, start: int,
@@ -321,8 +286,7 @@ class Transformer(nn.Module):
         """What queries at slots start..start+T-1 may see of keys 0..start+T-1: None when plain causal attention
         (or, for one query, everything) will do; else a bool mask, or the ALiBi bias with -inf where a key is hidden:
         (T, L) or (H, T, L) without attention_mask, (B, 1, T, L) or (B, H, T, L) with it. pos: (L,) or (B, L)."""
-        use_alibi = self.config.alibi_pos_bias
-        if not use_alibi and attention_mask is None and (start == 0 or T == 1):
+        if not self.config.alibi_pos_bias and attention_mask is None and (start == 0 or T == 1):
             return None
         L = start + T
         q_slot = torch.arange(start, L, device=pos.device)[:, None]  # (T, 1)
@@ -331,12 +295,9 @@ class Transformer(nn.Module):
         if attention_mask is not None:
             # a padding slot may see only itself: a query with every key hidden would give NaN in the real rows too
             visible = (visible & attention_mask[:, None, None, :L].bool()) | (k_slot == q_slot)  # (B, 1, T, L)
-        if not use_alibi:
+        if not self.config.alibi_pos_bias:
             return visible
-        if attention_mask is None:
-            distance = (k_slot - q_slot).abs()  # (T, L)
-        else:
-            distance = (pos[:, None, None, :] - pos[:, None, start:, None]).abs()  # (B, 1, T, L) in positions
+        distance = (pos[..., None, None, :] - pos[..., None, start:, None]).abs()  # (1, T, L) or (B, 1, T, L)
         bias = -distance * self.alibi_slopes  # (H, T, L) or (B, H, T, L)
         return bias.masked_fill(~visible, float("-inf"))
 
@@ -391,8 +352,7 @@ class AutoregressiveWrapper(nn.Module):
         """Mean cross-entropy of predicting x[:, 1:] from x[:, :-1]; targets equal to ignore_index don't count."""
         inp, target = x[:, :-1], x[:, 1:]
         inp = torch.where(inp == self.ignore_index, self.pad_value, inp)  # ignored inputs become padding
-        logits = self.net(inp)
-        return F.cross_entropy(logits.transpose(1, 2), target, ignore_index=self.ignore_index)
+        return F.cross_entropy(self.net(inp).transpose(1, 2), target, ignore_index=self.ignore_index)
 
     @torch.inference_mode()
     def generate(self, prompts: torch.Tensor, seq_len: int, *, eos_token: int | None = None, temperature: float = 1.0,
@@ -403,8 +363,7 @@ class AutoregressiveWrapper(nn.Module):
         As x-transformers: the filter (a name in FILTERS, or a callable) comes before the division by temperature
         (0 is greedy); a row that samples eos_token is padded with pad_value after it, and generation stops once all
         rows have. Past max_seq_len each token sees the last max_seq_len (the cache is rebuilt: exact). A 1-D prompt
-        gives a 1-D result. minhub.generate adds padded batches, streaming, faster sliding and argument checks.
-        """
+        gives a 1-D result. minhub.generate adds padded batches, streaming, faster sliding and argument checks."""
         if isinstance(filter_logits_fn, str) and filter_logits_fn not in FILTERS:
             raise ValueError(f"filter_logits_fn={filter_logits_fn!r} is unknown: use one of {sorted(FILTERS)}")
         if not math.isfinite(temperature) or temperature < 0:
@@ -458,8 +417,8 @@ class GPT4(nn.Module):
         self.decoder.net.setup_cache(batch_size, max_len)
 
     def kv_caches(self) -> list[KVCache]:
-        """Every layer's KV cache, in order."""
-        return self.decoder.net.kv_caches()
+        """Every layer's KV cache, in order (after setup_cache)."""
+        return [block.attn.kv_cache for block in self.decoder.net.layers]
 
     @property
     def cache_len(self) -> int:
@@ -472,7 +431,6 @@ class GPT4(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json and model.safetensors to `directory` (position tables are not stored)."""
         from safetensors.torch import save_file
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
@@ -486,11 +444,9 @@ class GPT4(nn.Module):
         """Load what save_pretrained wrote, from a directory or a hub repo (both files from one commit).
         minhub.gpt4_from_pretrained adds typed errors naming every misfit, offline hints and a device check."""
         from safetensors.torch import load_file
-
         directory = Path(identifier).expanduser()
         if not directory.is_dir():
             from huggingface_hub import snapshot_download
-
             directory = Path(snapshot_download(str(identifier), revision=revision,
                                                allow_patterns=["config.json", "model.safetensors"]))
         config = GPT4Config.from_dict(json.loads((directory / "config.json").read_text()))

@@ -4,8 +4,8 @@ its weights, shape and tokenizer).
 
 The run directory ends up holding what `minhub.from_pretrained` (and, for the hub's families, transformers) loads
 (config.json, model.safetensors, tokenizer.json, and a base's other tokenizer files), plus `train_state.pt` (model,
-optimizer, step, random states) for `--resume`, `log.jsonl` (train/val loss every eval) and the tokenized data
-(`train.bin`, `val.bin`, `data.json`).
+optimizer, step, each process's random states) for `--resume`, `log.jsonl` (train/val loss every eval) and the
+tokenized data (`train.bin`, `val.bin`, `data.json`).
 
 Reading order, the order the data flows: TrainConfig -> tokenizers -> data (tokenize once into memory-mapped files,
 sample random blocks) -> model and optimizer -> learning rate -> checkpoints -> processes and devices -> the run,
@@ -398,20 +398,46 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 # in place of a good one
 
 
-def save_checkpoint(out: Path, model: nn.Module, optimizer, scaler, step: int, batches: Batches,
+def random_states(batches: Batches, world: int, device: torch.device) -> list[dict[str, Any]] | None:
+    """Every process's random states, in rank order, on rank 0 (None on the others): its torch CPU state (dropout),
+    its batch generator's and, where CUDA is available, its CUDA states. A collective under torchrun: every process
+    must call it at the same point. Each process draws its own batches and dropout masks, so resuming exactly needs
+    each one's own states, not rank 0's."""
+    own = {"rng": torch.get_rng_state(), "batch_rng": batches.generator.get_state()}
+    if torch.cuda.is_available():
+        own["cuda_rng"] = torch.cuda.get_rng_state_all()
+    if world == 1:
+        return [own]
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    gathered = [None] * world if rank == 0 else None
+    # NCCL sends the pickled objects from torch.cuda.current_device(): make that this process's own GPU
+    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+        dist.gather_object(own, gathered, dst=0)
+    return gathered
+
+
+def saved_random_states(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """train_state.pt's random states, one entry per process of the run that saved it. A train_state.pt written
+    before they were kept per process holds one process's states at its top level: it resumes as a one-process run."""
+    if "random_states" in state:
+        return state["random_states"]
+    return [{k: state[k] for k in ("rng", "batch_rng", "cuda_rng") if k in state}]
+
+
+def save_checkpoint(out: Path, model: nn.Module, optimizer, scaler, step: int, states: list[dict[str, Any]],
                     config: TrainConfig, best_val: float) -> None:
     """The loadable model (config.json + model.safetensors) first, then train_state.pt, which alone is enough to
-    resume: if a crash falls between the two, --resume continues from the previous, complete state."""
+    resume: if a crash falls between the two, --resume continues from the previous, complete state. `states`:
+    every process's random states (random_states), saved as train_state.pt's "random_states" in rank order."""
     from minhub.hub import save_pretrained
 
     files.save_atomically(out, ["model.safetensors", "config.json"], partial(save_pretrained, model))
     state = {
         "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "best_val": best_val,
-        "scaler": scaler.state_dict(),
-        "rng": torch.get_rng_state(), "batch_rng": batches.generator.get_state(), "config": asdict(config),
+        "scaler": scaler.state_dict(), "random_states": states, "config": asdict(config),
     }
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
     files.save_atomically(out, ["train_state.pt"], lambda staging: torch.save(state, staging / "train_state.pt"))
 
 
@@ -484,17 +510,21 @@ def _autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | 
 
 
 def resolve_config(
-    config: TrainConfig, out: Path
+    config: TrainConfig, out: Path, world: int = 1
 ) -> tuple[TrainConfig, dict | None, nn.Module | None, dict[str, bytes] | None]:
     """The run's complete, checked config, and its directory `out`, created: nothing else is written yet.
 
     A new run fills the fields left None (from the base model with --init-from, which is loaded first: a bad base
     leaves no trace) and may not overwrite another run. A resumed run is its saved config, except how long and where
-    to go on. Returns (config, the saved train state, the base model, its tokenizer files), each None where not
-    used."""
+    to go on, and must run on as many processes (`world`) as saved it. Returns (config, the saved train state, the
+    base model, its tokenizer files), each None where not used."""
     base = base_files = resumed = None
     if config.resume:  # the run's own settings, except how long and where to go on
         resumed = check_run_directory(out, config)
+        saved_world = len(saved_random_states(resumed))
+        if saved_world != world:  # each process continues its own batches and dropout: no other count is exact
+            raise TrainError(f"--resume: {out} was saved by a run of {saved_world} process(es), and continues exactly "
+                             f"only on as many (torchrun --nproc_per_node {saved_world}), not on {world}")
         keep = ("max_steps", "eval_every", "eval_steps", "save_every", "device", "resume", "compile")
         config = TrainConfig(**{**resumed["config"], **{k: getattr(config, k) for k in keep}})
     else:
@@ -565,9 +595,12 @@ class Run:
         return self.config.batch_size * self.config.block_size * self.config.grad_accum * self.world
 
     def save(self) -> None:
-        """A checkpoint of this step (rank 0 only): the loadable model, then train_state.pt."""
-        save_checkpoint(self.out, self.raw_model, self.optimizer, self.scaler, self.step, self.batches, self.config,
-                        self.best_val)
+        """A checkpoint of this step: every process calls it (its random states are gathered), rank 0 writes the
+        loadable model, then train_state.pt."""
+        states = random_states(self.batches, self.world, self.device)
+        if self.main_process:
+            save_checkpoint(self.out, self.raw_model, self.optimizer, self.scaler, self.step, states, self.config,
+                            self.best_val)
         self.saved_step = self.step
 
 
@@ -602,10 +635,11 @@ def build_run(config: TrainConfig, out: Path, meta: dict[str, Any], base: nn.Mod
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         step, best_val = resumed["step"], resumed["best_val"]
-        torch.set_rng_state(resumed["rng"])  # dropout continues where it was
-        batches.generator.set_state(resumed["batch_rng"])  # and so do the batches
-        if "cuda_rng" in resumed and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(resumed["cuda_rng"])
+        own = saved_random_states(resumed)[rank]  # this process's, not rank 0's (resolve_config checked the count)
+        torch.set_rng_state(own["rng"])  # dropout continues where it was
+        batches.generator.set_state(own["batch_rng"])  # and so do the batches
+        if "cuda_rng" in own and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(own["cuda_rng"])
     raw_model = model
     if config.compile:
         model = torch.compile(model)
@@ -734,9 +768,9 @@ def run_loop(run: Run, callback: Callable[[int, dict], None] | None) -> dict[str
     try:
         while run.step < config.max_steps:
             if _stop_everywhere(stop, run.world, run.device):  # a step boundary: nothing of the next step has happened
+                if run.saved_step != run.step:  # the same on every process: all of them enter the save
+                    run.save()
                 if run.main_process:
-                    if run.saved_step != run.step:
-                        run.save()
                     tqdm.write(f"stopped by {stop.signal_name or 'a signal to another process'} after step "
                                f"{run.step}, saved in {run.out} (continue with --resume)")
                 raise KeyboardInterrupt(stop.signal_name)
@@ -751,7 +785,7 @@ def run_loop(run: Run, callback: Callable[[int, dict], None] | None) -> dict[str
                 callback(run.step, {"loss": loss, "lr": lr})
             if run.step % config.eval_every == 0 or run.step == config.max_steps:
                 last = evaluate(run, lr)
-            if run.main_process and (run.step % save_every == 0 or run.step == config.max_steps):
+            if run.step % save_every == 0 or run.step == config.max_steps:  # every process: save gathers from all
                 run.save()
     finally:
         bar.close()
@@ -775,7 +809,7 @@ def train(config: TrainConfig, callback: Callable[[int, dict], None] | None = No
     rank, local_rank, world = _setup_distributed()
     device = _device(config, local_rank)  # an unusable device is an error before anything is written
     out = Path(config.out)
-    config, resumed, base, base_files = resolve_config(config, out)
+    config, resumed, base, base_files = resolve_config(config, out, world)
     torch.manual_seed(config.seed + rank)  # the initial weights and dropout (DDP broadcasts rank 0's weights)
     meta = prepare_run_data(config, out, rank == 0, world, base_files, resumed)
     run = build_run(config, out, meta, base, resumed, rank, local_rank, world, device)

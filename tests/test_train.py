@@ -167,15 +167,21 @@ def free_port() -> int:
 
 
 def run_bounded(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
-    """subprocess.run in its own process group, all of which is killed if it runs past `timeout` (a hang guard:
+    """subprocess.run in its own process group, all of which is ended if it runs past `timeout` (a hang guard:
     torchrun's workers would otherwise outlive it)."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True, **kwargs)
     try:
         out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, err = process.communicate()
+        # torchrun starts its workers in sessions of their own, out of killpg's reach (a SIGKILLed torchrun leaves
+        # them hung, holding the pipes open): SIGTERM makes torchrun end them, with SIGKILL after its grace period
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            out, err = process.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            err = "(no output: killed)"
         pytest.fail(f"{command[:4]} hung for {timeout} s: {err[-2000:]}")
     return subprocess.CompletedProcess(command, process.returncode, out, err)
 
@@ -556,6 +562,71 @@ def test_ddp_processes_end_identical_and_equal_one_process_on_the_combined_batch
                          what="the saved weights")
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [4]  # only rank 0 logs
+
+
+DDP_STOPPING_WORKER = '''"""One process of a torchrun run: minhub.train.train(TrainConfig(**json argv[1])), with
+SIGTERM to process 1 after step argv[2] (0: never), which stops every process there."""
+import json
+import os
+import signal
+import sys
+
+from minhub.train import TrainConfig, train
+
+
+def signal_process_1(step, metrics):
+    if step == int(sys.argv[2]) and os.environ["RANK"] == "1":
+        signal.raise_signal(signal.SIGTERM)
+
+
+try:
+    train(TrainConfig(**json.loads(sys.argv[1])), signal_process_1)
+except KeyboardInterrupt:
+    print(f"process {os.environ['RANK']} stopped")
+'''
+
+
+def test_a_stopped_ddp_run_resumes_bit_for_bit_and_only_on_as_many_processes(corpus, tmp_path):
+    """Two gloo processes with dropout, each drawing its own batches and dropout masks: one run straight to the end,
+    one stopped by a SIGTERM to process 1 and resumed with `torchrun ... -m minhub train --resume` in new processes
+    (a torchrun launch each: a second train() in the same processes hangs initialising its process group again).
+    The resumed run ends with the straight run's weights exactly, which needs every process's own random states in
+    the checkpoint (not rank 0's on every process); resuming on another number of processes is refused."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    settings = dict(data=str(corpus), n_layer=1, n_head=2, n_embd=32, block_size=32, batch_size=4, max_steps=6,
+                    warmup_steps=1, lr=3e-3, min_lr=3e-4, dropout=0.1, eval_every=6, eval_steps=1, seed=7)
+    worker = tmp_path / "ddp_stopping_worker.py"
+    worker.write_text(DDP_STOPPING_WORKER)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for run, stop_after in ((straight, 0), (stopped, 3)):
+        result = run_bounded([*torchrun, "--master_port", str(free_port()), str(worker),
+                              json.dumps({**settings, "out": str(run)}), str(stop_after)],
+                             timeout=300, cwd=REPO_ROOT, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "stopped by a signal to another process after step 3" in output, output[-3000:]
+    assert "process 0 stopped" in output and "process 1 stopped" in output
+    state = torch.load(stopped / "train_state.pt", weights_only=True)
+    assert state["step"] == 3 and len(state["random_states"]) == 2
+    for name in ("rng", "batch_rng"):  # not vacuous: the processes' states differ
+        assert not torch.equal(state["random_states"][0][name], state["random_states"][1][name]), name
+
+    result = run_bounded([*torchrun, "--master_port", str(free_port()), "-m", "minhub", "train", "--data",
+                          str(corpus), "--out", str(stopped), "--resume", "--max-steps", "6", "--eval-every", "6",
+                          "--eval-steps", "1"], timeout=300, cwd=REPO_ROOT, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.load(stopped / "train_state.pt", weights_only=True)["step"] == 6
+    assert_close_tensors(load_file(stopped / "model.safetensors"), load_file(straight / "model.safetensors"), atol=0,
+                         what="the resumed run's weights (against the uninterrupted run's)")
+    last_rows = [json.loads((run / "log.jsonl").read_text().splitlines()[-1]) for run in (straight, stopped)]
+    losses = [{k: row[k] for k in ("step", "train_loss", "val_loss")} for row in last_rows]
+    assert losses[0] == losses[1] and losses[0]["step"] == 6
+
+    before = {p.name: p.read_bytes() for p in stopped.iterdir() if p.is_file()}
+    with pytest.raises(TrainError, match=r"saved by a run of 2 process\(es\).*nproc_per_node 2\), not on 1"):
+        train(TrainConfig(data=str(corpus), out=str(stopped), max_steps=8, resume=True))
+    assert {p.name: p.read_bytes() for p in stopped.iterdir() if p.is_file()} == before  # refused before any work
 
 
 # --- bad inputs ---------------------------------------------------------------------------------------------------
