@@ -22,9 +22,14 @@ kept the CPUs busy (more than BUSY of their time: the kernels then compete for c
 is provisional: a later process that finds the machine idle measures again. Every candidate computes the same sums
 in another order: fp32 logits stay within 1e-4 of transformers'.
 
+A prompt (more than 16 rows) is one more case, for bf16 weights only: where the CPU has no bf16 matrix product
+(AVX2 CPUs), PyTorch's takes about as long per row as one decode step's product (0.22 ms a row for a 768 x 2304
+matrix on the EPYC), and minhub::linear is 4-5x faster up to 128 rows; on CPUs with native bf16 (AVX-512 BF16, AMX)
+PyTorch's should win. The plan measures both at MANY_ROWS rows. fp32 prompts stay on BLAS's blocked products.
+
 `use_fastest(model)` applies the plan: every nn.Linear becomes a `CPULinear` (the same module, parameters and hooks,
-with a forward that picks the kernel by dtype and row count). Only float32 and bfloat16 CPU inference of up to 16
-rows changes path: with gradients, other dtypes or devices, or for more rows (a prompt), CPULinear is nn.Linear;
+with a forward that picks the kernel by dtype and row count). Only float32 and bfloat16 CPU inference changes path:
+with gradients, other dtypes or devices, or for a float32 prompt, CPULinear is nn.Linear;
 torch.compile traces minhub::linear and oneDNN's product as opaque calls. minhub's loaders call it, and
 quantize_int8 reads the int8 choice; MINHUB_MATMUL=blas turns it all off.
 """
@@ -52,10 +57,12 @@ from minhub.files import write_atomically
 
 log = logging.getLogger("minhub")
 
-FEW_ROWS = 16  # up to this many rows count as decoding; more (a prompt) always go to BLAS
+FEW_ROWS = 16  # up to this many rows count as decoding; more are a prompt (BLAS, except bf16 where measured)
+MANY_ROWS = 64  # the prompt the bf16 "many rows" choice is measured on
+BF16_PROMPT = "bfloat16 many rows"  # the plan's key for bf16 weights times more than FEW_ROWS rows
 SOURCE = Path(__file__).with_name("matmul.cpp")
 LIBRARY = "libminhub_matmul.so"
-PLAN_VERSION = 6  # bump when the candidates or what a plan records change: older plans are measured again
+PLAN_VERSION = 7  # bump when the candidates or what a plan records change: older plans are measured again
 BUSY = 0.15  # other processes' share of the CPUs above which a measurement is provisional
 DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.int8: "int8"}  # weight dtypes with a choice
 
@@ -85,10 +92,15 @@ class MatmulPlan:
         """"blas", "onednn" or "minhub" for weights of `dtype` times one row, or 2 to FEW_ROWS rows."""
         return self.kernels.get(choice_name(dtype, one_row), "blas") if dtype in DTYPES else "blas"
 
+    def prompt_kernel(self, dtype: torch.dtype) -> str:
+        """"blas" or "minhub" for weights of `dtype` times more than FEW_ROWS rows (only bf16 has a choice)."""
+        return self.kernels.get(BF16_PROMPT, "blas") if dtype == torch.bfloat16 else "blas"
+
     def describe(self) -> str:
         """One line: the choices and the figures behind them."""
         choices = ", ".join(f"{name}: {self.kernel(dtype, one_row)}" for dtype in DTYPES for one_row in (True, False)
                             for name in [choice_name(dtype, one_row)])
+        choices += f", {BF16_PROMPT}: {self.prompt_kernel(torch.bfloat16)}"
         figures = ", ".join(f"{k} {v:.1f}" for k, v in self.measured_gbs.items())
         loops = "" if self.library is None else f" (its {'AVX2' if avx2_loops() else 'portable'} loops)"
         busy = f"; provisional: measured while other processes used {self.others_busy:.0%} of the CPUs" \
@@ -294,8 +306,8 @@ def _timed_rounds(candidates: dict[str, Callable[[], object]], rounds: int) -> d
 
 def measure(library_file: Path, rounds: int = 5) -> MatmulPlan:
     """Build minhub::linear at `library_file` (unless it is there) if this machine can, time every candidate it can
-    run on GPT-2 124M's matrix shapes (four layers), for each weight dtype at one row and at 8 rows, and return the
-    fastest of each."""
+    run on GPT-2 124M's matrix shapes (four layers), for each weight dtype at one row and at 8 rows, and bf16 at
+    MANY_ROWS rows (one layer), and return the fastest of each."""
     info = hardware.cpu_info()
     notes, library, sha256 = [], None, None
     if info.cxx is None:
@@ -342,10 +354,16 @@ def measure(library_file: Path, rounds: int = 5) -> MatmulPlan:
                 best = min(candidates, key=seconds.get)
                 if not best.endswith(": blas"):
                     kernels[choice_name(dtype, rows == 1)] = best.rpartition(": ")[2]
+            if dtype == torch.bfloat16 and library is not None:  # a prompt, on one layer's matrices
+                seconds.update(_timed_rounds(_prompt_candidates(weights[:4], biases[:4]), rounds))
+                if seconds[f"{BF16_PROMPT}: minhub"] < seconds[f"{BF16_PROMPT}: blas"]:
+                    kernels[BF16_PROMPT] = "minhub"
             del weights, scales, biases
     fp32_bytes = sum(s[0] * s[1] * 4 for s in shapes)
     per_dtype = {"float32": 1, "bfloat16": 2, "int8": 4}
-    measured = {name: fp32_bytes / per_dtype[name.split()[0]] / t / 1e9 for name, t in seconds.items()}
+    bytes_read = {name: fp32_bytes / per_dtype[name.split()[0]] for name in seconds}
+    bytes_read.update({name: fp32_bytes / 4 / 2 for name in seconds if name.startswith(BF16_PROMPT)})
+    measured = {name: bytes_read[name] / t / 1e9 for name, t in seconds.items()}
     # the library is kept even where no choice is "minhub": minhub::attend is in it, and every process that reads
     # this plan must load what the measuring one did (a decode step's package key depends on it)
     return MatmulPlan(kernels=kernels, library=library, library_sha256=sha256,
@@ -358,6 +376,14 @@ def _over_matrices(fn: Callable, x: dict[int, torch.Tensor], weights: list[torch
     """One call of fn(x, weight, bias, scale) per matrix, as a decode step makes them."""
     scales = scales or [None] * len(weights)
     return lambda: [fn(x[w.size(1)], w, b, s) for w, b, s in zip(weights, biases, scales)]
+
+
+def _prompt_candidates(weights: list[torch.Tensor], biases: list[torch.Tensor]) -> dict[str, Callable]:
+    """bf16 `weights` times a MANY_ROWS-row prompt: PyTorch's product and minhub::linear, one call per matrix."""
+    x = {k: torch.full((MANY_ROWS, k), 0.5, dtype=torch.bfloat16) for k in (768, 3072)}
+    return {f"{BF16_PROMPT}: blas": _over_matrices(lambda x, w, b, s: F.linear(x, w, b), x, weights, biases, None),
+            f"{BF16_PROMPT}: minhub": _over_matrices(lambda x, w, b, s: minhub_linear(x, w, b), x, weights, biases,
+                                                     None)}
 
 
 def _candidate(name: str, dtype: torch.dtype, rows: int, have_minhub: bool, have_onednn: bool):
@@ -382,7 +408,8 @@ class CPULinear(nn.Linear):
     module docstring); everything else, training included, is nn.Linear's forward."""
 
     plan: MatmulPlan | None = None  # set per instance by use_fastest, with what follows from it
-    kernels: dict[tuple[torch.dtype, bool], str] = {}  # (dtype, one row) -> "minhub" or "onednn"; absent: BLAS
+    # (dtype, one row) -> "minhub" or "onednn", (dtype, None) -> the prompt's (more than FEW_ROWS); absent: BLAS
+    kernels: dict[tuple[torch.dtype, bool | None], str] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
@@ -391,7 +418,7 @@ class CPULinear(nn.Linear):
                 or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
             return F.linear(x, weight, bias)
         rows = x.numel() // self.in_features
-        kernel = self.kernels.get((x.dtype, rows == 1)) if rows <= FEW_ROWS else None
+        kernel = self.kernels.get((x.dtype, rows == 1) if rows <= FEW_ROWS else (x.dtype, None))
         # the layouts minhub::linear reads: row-major, or fp32 (in, out) seen as (out, in) (it checks the rest)
         if kernel == "minhub" and x.is_contiguous() and (weight.is_contiguous() or (
                 x.dtype == torch.float32 and weight.stride(0) == 1)):
@@ -424,7 +451,7 @@ def use_fastest(model: nn.Module, matmul_plan: MatmulPlan | None = None) -> nn.M
     if matmul_plan.library is not None:
         load_library(matmul_plan.library, matmul_plan.library_sha256)
     kernels = {(t, one_row): matmul_plan.kernel(t, one_row) for t in (torch.float32, torch.bfloat16)
-               for one_row in (True, False)}
+               for one_row in (True, False)} | {(torch.bfloat16, None): matmul_plan.prompt_kernel(torch.bfloat16)}
     kernels = {key: kernel for key, kernel in kernels.items() if kernel != "blas"}
     for module in model.modules():
         if type(module) in (nn.Linear, CPULinear):

@@ -10,7 +10,7 @@ minhub::attend (attend_one_query).
 What is compiled is the step's code, not its tensors: the package (a few MB) holds no weights, and at every generate()
 call the model's own weights and KV cache are bound to it as "user-managed constants" (no copy). A package is built
 once per machine, torch version, model shape and weight layout, matmul kernels and source of the traced code, in
-<cache>/steps/<key>.pt2 (20-40 s on 2 cores, with a message); later processes load it in milliseconds.
+<cache>/steps/<key>.pt2 (3-4 s a layer on 2 cores, with a message); later processes load it in milliseconds.
 
 The engine (minhub.generation, through minhub.speed) takes it for one prompt (batch 1, no attention mask) of a model on
 the CPU whose weights are at least MIN_WEIGHT_BYTES (below that, a compile is never paid back), on a machine with a C++
@@ -184,8 +184,10 @@ def _load_or_build(net: nn.Module, key: str) -> tuple[object, list[str]] | str:
             return _load(path)
         except Exception as e:  # truncated or from another build: build it again
             log.warning("minhub: the compiled decode step %s is unusable (%s); building it again", path, e)
-    log.warning("minhub: compiling the decode step of %s for this CPU and model shape, once (20-40 s); kept in %s "
-                "(MINHUB_DECODE=eager skips it)", type(net).__name__, path.parent)
+    layers = len(net.kv_caches())  # the compile's time grows with the layers: 3-4 s each on a 2-core EPYC
+    log.warning("minhub: compiling the decode step of %s (%d layers) for this CPU and model shape, once (about "
+                "%d-%d s on 2 cores); kept in %s (MINHUB_DECODE=eager skips it)", type(net).__name__, layers,
+                5 * layers // 2 + 5, 4 * layers + 15, path.parent)
     start = time.perf_counter()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,16 +19,34 @@ os.environ["MINHUB_CACHE"] = MINHUB_CACHE  # subprocesses (CLI tests) share it: 
 os.environ.pop("MINHUB_MATMUL", None)
 os.environ.pop("MINHUB_DECODE", None)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# pytest-xdist's workers share the cores: a torch thread per core in each would oversubscribe them, and OpenMP's
+# waiting threads then slow every parallel region (a 2 s training test took 30 s beside the other worker). Each
+# worker, and the subprocesses it starts, gets its share; the tests of the kernels' threading take 2 threads.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:  # a caller's own OMP_NUM_THREADS wins
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
 atexit.register(shutil.rmtree, HF_CACHE, True)
 atexit.register(shutil.rmtree, MINHUB_CACHE, True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if WORKERS > 1:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def two_threads():
+    """At least two torch threads for the test (a worker of a parallel run has fewer): what threads share."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    yield
+    torch.set_num_threads(threads)
 
 
 def pytest_report_header(config):

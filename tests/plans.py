@@ -2,7 +2,7 @@
 measurement picks (minhub.matmul).
 
 A plan picks a kernel per weight dtype for one activation row and for 2-16 rows: "blas" (PyTorch's), "onednn"
-(float32 at 2-16 rows only) or "minhub" (minhub::linear). PLANS holds whole-machine plans that together take every
+(float32 at 2-16 rows only) or "minhub" (minhub::linear), and for bf16 prompts (more rows) "blas" or "minhub". PLANS holds whole-machine plans that together take every
 kernel at each row count, including the mixed ones measured so far (an AVX-512 EPYC: minhub at one row, oneDNN for
 fp32 at few rows, PyTorch's for bf16 and int8 at few rows). `force` makes one of them this process's plan, so the
 loaders, quantize_int8 and everything after them take it; `per_layer` gives each block of one model another plan, so
@@ -25,6 +25,7 @@ from minhub.matmul import MatmulPlan
 CPU = hardware.cpu_info()
 
 ALL_MINHUB = {matmul.choice_name(dtype, one_row): "minhub" for dtype in matmul.DTYPES for one_row in (True, False)}
+ALL_MINHUB[matmul.BF16_PROMPT] = "minhub"  # bf16 prompts too
 ONE_ROW_MINHUB = {name: "minhub" for name in ALL_MINHUB if name.endswith("one row")}
 FEW_ROWS_MINHUB = {name: "minhub" for name in ALL_MINHUB if name.endswith("few rows")}
 PLANS = {

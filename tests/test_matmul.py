@@ -64,7 +64,7 @@ def test_minhub_linear_equals_float64_sums(case, rows, portable, n, k):
 
 
 @pytest.mark.parametrize("case", ["float32 rows", "float32 columns", "int8"])
-def test_minhub_linear_gives_the_same_bits_whichever_thread_takes_which_chunk(case):
+def test_minhub_linear_gives_the_same_bits_whichever_thread_takes_which_chunk(case, two_threads):
     library()
     x, weight, bias, scale = operands(case, 3, 40, 30011)
     with torch.inference_mode():
@@ -238,6 +238,24 @@ def test_the_minhub_plan_keeps_weights_training_and_other_dtypes_working(checkpo
     assert "minhub::linear" in ops and ops & BLAS  # the row-major lm_head through minhub, the rest through BLAS
 
 
+@pytest.mark.parametrize("plan_name", ["blas", "minhub"])
+def test_a_bfloat16_prompt_takes_the_planned_kernel_within_bf16_rounding_of_transformers(checkpoint, reference,
+                                                                                         plan_name, monkeypatch):
+    """More than FEW_ROWS rows of bf16 (a prompt, scoring): minhub::linear where the plan says so (AVX2 CPUs, where
+    PyTorch's bf16 product takes a decode step's time per row), PyTorch's otherwise."""
+    model = load_with(checkpoint, plan_name, monkeypatch, dtype=torch.bfloat16)
+    idx = torch.randint(0, VOCAB, (2, 24))  # 48 rows, and 24 for the lm_head of one row's prompt below
+    planned = model.lm_head.plan.prompt_kernel(torch.bfloat16)
+    assert planned == {"blas": "blas", "minhub": "minhub"}[plan_name]
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        ours = model(idx)
+    ops = {event.key for event in prof.key_averages()}
+    assert ("minhub::linear" in ops) == (planned == "minhub"), ops
+    assert bool(ops & BLAS) == (planned == "blas"), ops
+    assert_close_in_bf16(ours, *bf16_reference(reference, idx))
+    assert matmul.MatmulPlan().prompt_kernel(torch.float32) == "blas"  # fp32 prompts: BLAS's blocked products
+
+
 @pytest.mark.parametrize("plan_name", ["blas", "minhub", "blas one row + minhub few rows"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_bfloat16_decodes_within_bf16_rounding_of_transformers_bf16(checkpoint, reference, plan_name, batch,
@@ -394,9 +412,9 @@ def test_a_compiler_that_fails_leaves_pytorchs_kernels_and_says_why(tmp_path, mo
     assert not (tmp_path / matmul.LIBRARY).exists()
 
 
-@pytest.mark.parametrize("fastest", [{"one row": "blas", "few rows": "onednn"},
-                                     {"one row": "minhub", "few rows": "blas"},
-                                     {"one row": "minhub", "few rows": "minhub"}], ids=str)
+@pytest.mark.parametrize("fastest", [{"one row": "blas", "few rows": "onednn", "many rows": "minhub"},
+                                     {"one row": "minhub", "few rows": "blas", "many rows": "blas"},
+                                     {"one row": "minhub", "few rows": "minhub", "many rows": "minhub"}], ids=str)
 def test_the_plan_takes_the_fastest_measured_kernel_for_every_case(tmp_path, monkeypatch, fastest):
     """The measurement's timings replaced by chosen ones: the plan must name exactly the fastest candidate of
     each weight dtype and row count, and keep the figures it measured."""
@@ -416,6 +434,7 @@ def test_the_plan_takes_the_fastest_measured_kernel_for_every_case(tmp_path, mon
             if f"{name}: {expected}" not in plan.measured_gbs:  # oneDNN is no candidate for bf16 and int8
                 expected = "blas"
             assert plan.kernel(dtype, one_row) == expected, (name, plan.kernels)
+    assert plan.prompt_kernel(torch.bfloat16) == fastest["many rows"], plan.kernels
     # kept whatever the choices: minhub::attend is in it, and every process reading the plan loads it
     assert plan.library == str(matmul.library_path())
 
@@ -427,6 +446,9 @@ def test_this_machines_plan_took_its_fastest_measured_kernels():
             name = matmul.choice_name(dtype, one_row)
             measured = {k.rpartition(": ")[2]: v for k, v in plan.measured_gbs.items() if k.startswith(f"{name}: ")}
             assert measured[plan.kernel(dtype, one_row)] == max(measured.values()), (name, measured)
+    prompt = {k.rpartition(": ")[2]: v for k, v in plan.measured_gbs.items() if k.startswith(matmul.BF16_PROMPT)}
+    if plan.library is not None:
+        assert prompt[plan.prompt_kernel(torch.bfloat16)] == max(prompt.values()), prompt
 
 
 def test_without_onednn_few_rows_stay_off_onednn(tmp_path, monkeypatch):
