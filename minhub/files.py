@@ -8,13 +8,17 @@ processes writing the same file at the same time (two programs measuring the sam
 other's temporary file: the last rename wins, and what it leaves is whole.
 
 Only a SIGKILL or a power cut in the middle of a write can leave a hidden temporary directory behind
-(`.<name>.<random>`, next to the file); it is never read, and can be deleted.
+(`.<name>.<host>.<pid>.<random>`, next to the file). It is never read, and the next save of that file on the same
+host removes it once no process with that pid runs there (a training run killed again and again would otherwise
+pile up a model's worth of bytes each time).
 """
 
 from __future__ import annotations
 
 import os
+import glob
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,10 +39,31 @@ def save_atomically(directory: str | os.PathLike, names: Sequence[str], save: Ca
     namesake in `directory`, one atomic rename each, in the order of `names`. If `save` raises (or is interrupted),
     nothing in `directory` changes; the staging directory is removed either way."""
     directory = Path(directory)
-    staging = Path(tempfile.mkdtemp(prefix=f".{names[0]}.", dir=directory))
+    prefix = f".{names[0]}.{socket.gethostname()}."
+    remove_abandoned(directory, prefix)
+    staging = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}.", dir=directory))
     try:
         save(staging)
         for name in names:
             os.replace(staging / name, directory / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_abandoned(directory: Path, prefix: str) -> None:
+    """Delete the staging directories `<prefix><pid>.<random>` in `directory` whose process no longer runs (on this
+    host: the prefix names it, and another host's pids mean nothing here)."""
+    for staging in directory.glob(glob.escape(prefix) + "*"):
+        pid = staging.name[len(prefix):].split(".", 1)[0]
+        if staging.is_dir() and pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, but is another user's
+        return True
+    return True
