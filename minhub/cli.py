@@ -255,7 +255,7 @@ def serve_command(args: argparse.Namespace) -> int:
     try:
         app = build_app(args.model, args.revision, max_batch=args.max_batch, dtype=args.dtype, device=args.device,
                         api_key=args.api_key, compile_batches=args.compile, max_body=args.max_body,
-                        body_timeout=args.body_timeout, max_prompts=args.max_prompts)
+                        body_timeout=args.body_timeout, max_prompts=args.max_prompts, context=args.context)
         server = uvicorn_server(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout)
     except (hub.LoadError, ValueError, FileNotFoundError, hardware.CPUFeatureError) as e:
         print(f"minhub: {e}", file=sys.stderr)
@@ -460,6 +460,9 @@ def _add_serve_arguments(commands: argparse._SubParsersAction) -> None:
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--max-batch", type=int, default=8, help="rows decoded together (continuous batching)")
+    sv.add_argument("--context", type=int, default=None,
+                    help="most tokens a row may reach, prompt and completion (default: the model's context, at most "
+                         "8192: the KV cache holds that many slots for every row)")
     _add_dtype(sv)
     _add_device(sv)
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")

@@ -171,6 +171,7 @@ def generate_stream(
         return
 
     # the token window the model sees, at most context_length slots; it slides when full
+    n_ctx = cache_length(n_ctx, T + max_new_tokens)
     window = torch.empty(B, n_ctx, dtype=torch.long, device=idx.device)
     window[:, :T] = idx
     mask = None
@@ -209,6 +210,16 @@ def generate_stream(
         else:
             logits = step_forward(token[:, None], n, model_mask)[:, -1]  # one new token against the cache
         n += 1
+
+
+def cache_length(context_length: int, tokens: int) -> int:
+    """The window (and KV cache) generate() sets up for `tokens` positions: the whole context where they do not fit
+    (the window slides), else the least power of two from 1024 that holds them. A cache of the whole context would
+    cost a 128k-token model gigabytes for a short reply; powers of two keep the precompiled steps, one per cache
+    length, few."""
+    if tokens > context_length:
+        return context_length
+    return min(context_length, max(1024, 1 << (tokens - 1).bit_length()))
 
 
 def _check_attention_mask(attention_mask: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -217,7 +217,9 @@ def _build(net: nn.Module, path: Path) -> None:
     import torch._inductor
     from torch.export import Dim
 
-    cache_len, last = net.cache_len, net.config.context_length - 1  # the last position a one-token step can take
+    # the last position a one-token step can take: the context's, or the cache's (the engine keeps a slot spare)
+    cache_len = net.cache_len
+    last = min(net.config.context_length, cache_len - 1) - 1
     # export traces with autograd on, which refuses inference tensors: a cache of ordinary tensors meanwhile
     try:
         with torch.inference_mode(False), torch.no_grad():

@@ -30,6 +30,7 @@ import asyncio
 import collections
 import hmac
 import json
+import logging
 import math
 import threading
 import time
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.responses import Response
 
+log = logging.getLogger("minhub")
 
 class RequestError(ValueError):
     """A request the server refuses or cannot finish: an HTTP 4xx (or 5xx) with OpenAI's error body."""
@@ -355,13 +357,31 @@ def parse_chat_request(body: Any, served_name: str, tokenizer, chat_template, co
 # The model thread: continuous batching
 
 
+SERVED_CONTEXT = 8192  # the default cap: the KV cache holds max_batch rows of this many slots, allocated at start
+
+
+def serving_context(model_context: int, asked: int | None) -> int:
+    """The tokens a served row may reach: `asked` (--context), at most the model's context; by default the model's
+    context up to SERVED_CONTEXT. A 128k-token model (Llama 3.2) would otherwise allocate a cache of 128k slots a row
+    at start: gigabytes per row."""
+    if asked is not None and asked > model_context:
+        raise ValueError(f"--context {asked} is more than the model's context of {model_context} tokens")
+    chosen = asked or min(model_context, SERVED_CONTEXT)
+    if chosen < model_context and asked is None:
+        log.warning("minhub: serving a context of %d tokens of the model's %d (--context to change it: the KV cache "
+                    "holds that many slots for every row)", chosen, model_context)
+    return chosen
+
+
 class Scheduler:
     """Owns the model; runs decode steps for every active row, admitting waiting rows between steps, round-robin
     across requests."""
 
-    def __init__(self, model: nn.Module, max_batch: int, eos_token_id: int | list[int] | None) -> None:
+    def __init__(self, model: nn.Module, max_batch: int, eos_token_id: int | list[int] | None,
+                 context: int | None = None) -> None:
         self.model, self.eos = model, eos_token_id
-        self.context, self.vocab_size = model.config.context_length, model.config.vocab_size
+        self.context = serving_context(model.config.context_length, context)
+        self.vocab_size = model.config.vocab_size
         self.max_batch = max_batch
         self.lock = threading.Lock()  # guards the waiting requests, failure and closing
         self.waiting: collections.deque[collections.deque[Completion]] = collections.deque()  # one deque a request
@@ -1031,12 +1051,13 @@ class _Api:
 
 def create_app(model: nn.Module, tokenizer, served_name: str, *, max_batch: int = 8, api_key: str | None = None,
                eos_token_id: int | list[int] | None = None, chat_template=None, max_body: int | None = None,
-               body_timeout: float = 30.0, max_prompts: int = 64):
+               body_timeout: float = 30.0, max_prompts: int = 64, context: int | None = None):
     """The Starlette application serving `model` (already loaded) under the name `served_name`; chat_template (a
     minhub.chat.ChatTemplate, or None: the model has none) renders the messages of /v1/chat/completions.
 
     Limits: max_body bytes of a request body (None: default_max_body of the context), body_timeout seconds to
-    receive it, max_prompts completions (prompts x n) in one request."""
+    receive it, max_prompts completions (prompts x n) in one request, context tokens a row may reach (prompt and
+    completion; see serving_context)."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.routing import Route
@@ -1046,7 +1067,7 @@ def create_app(model: nn.Module, tokenizer, served_name: str, *, max_batch: int 
     if max_body is not None:
         check_int("--max-body", max_body, 1)
     _check_seconds("--body-timeout", body_timeout)
-    scheduler = Scheduler(model, max_batch, eos_token_id)
+    scheduler = Scheduler(model, max_batch, eos_token_id, context)
     limits = Limits(max_body or default_max_body(scheduler.context), float(body_timeout), max_prompts,
                     scheduler.context * longest_token(tokenizer))
     api = _Api(scheduler, tokenizer, served_name, api_key, eos_token_id, chat_template, limits)
@@ -1082,7 +1103,8 @@ def _lifespan(scheduler: Scheduler):
 
 def build_app(model_id: str, revision: str | None = None, *, max_batch: int = 8, dtype: str = "float32",
               device: str = "cpu", api_key: str | None = None, compile_batches: bool = False,
-              max_body: int | None = None, body_timeout: float = 30.0, max_prompts: int = 64):
+              max_body: int | None = None, body_timeout: float = 30.0, max_prompts: int = 64,
+              context: int | None = None):
     """Load the model, tokenizer and chat template as `minhub generate` does, take the speed path
     (minhub.speed.optimize; compile_batches: torch.compile the batched decode step, 20-40 s at the first request) and
     return the application (for tests and ASGI); the limits as create_app's."""
@@ -1092,6 +1114,8 @@ def build_app(model_id: str, revision: str | None = None, *, max_batch: int = 8,
 
     check_int("--max-batch", max_batch, 1)
     check_int("--max-prompts", max_prompts, 1)
+    if context is not None:
+        check_int("--context", context, 1)
     _check_seconds("--body-timeout", body_timeout)
     hardware.check_device(device)
     torch_dtype = getattr(torch, dtype)
@@ -1103,7 +1127,7 @@ def build_app(model_id: str, revision: str | None = None, *, max_batch: int = 8,
     speed.optimize(model, weights=speed.weights_for(model), compile_batches=compile_batches)
     return create_app(model, tokenizer, str(model_id), max_batch=max_batch, api_key=api_key, eos_token_id=eos,
                       chat_template=chat_template, max_body=max_body, body_timeout=body_timeout,
-                      max_prompts=max_prompts)
+                      max_prompts=max_prompts, context=context)
 
 
 def uvicorn_server(app, host: str = "127.0.0.1", port: int = 8000, *, shutdown_timeout: float = 30.0,

@@ -235,3 +235,22 @@ def test_vanishing_temperature_or_top_p_is_greedy_decoding(pair, setting):
     sampled = generate(model, idx, 10, top_k=None, generator=torch.Generator().manual_seed(0),
                        **{"temperature": 1.0, **setting})
     assert torch.equal(sampled, theirs)
+
+
+def test_the_cache_holds_what_the_call_needs_not_the_whole_context():
+    """A 128k-context model answering in a few tokens must not set up a cache of 128k slots (gigabytes)."""
+    from minhub.generation import cache_length
+
+    assert cache_length(131072, 40) == 1024 and cache_length(131072, 1025) == 2048
+    assert cache_length(131072, 5000) == 8192 and cache_length(1024, 40) == 1024
+    assert cache_length(3000, 2500) == 3000 and cache_length(3000, 3001) == 3000  # past the context: it slides
+
+
+def test_a_long_context_model_decodes_transformers_tokens_in_a_cache_of_what_it_needs(tmp_path):
+    ref = hf_gpt2(seed=5, n_positions=4096)
+    model = gpt2_from_pretrained(save_checkpoint(ref, tmp_path))
+    prompt = torch.randint(0, 101, (2, 7))
+    theirs = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, min_new_tokens=20,
+                          do_sample=False, pad_token_id=0)
+    assert torch.equal(generate(model, prompt, 20, temperature=0), theirs)
+    assert model.cache_len == 1025  # 27 positions: 1,024 slots and the spare one, not 4,097

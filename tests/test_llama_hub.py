@@ -323,9 +323,11 @@ def test_the_precompiled_step_takes_a_gqa_llama_and_gives_transformers_tokens(re
     ref, tokenizer = repos["llama"]
     model = minhub.from_pretrained(REPOS["llama"])
     assert model.config.num_key_value_heads < model.config.num_attention_heads
+    # a long context, as Llama 3.2's 131,072: a short reply sets up 1,024 slots, and the step is built for them
+    model.config.max_position_embeddings = 4096
     ids = tokenizer.encode("hello world")
     out = minhub.generate(model, torch.tensor([ids]), 12, temperature=0)  # builds the step (traced: not counted)
-    assert model in precompiled._bound
+    assert model in precompiled._bound and model.cache_len == 1025
     with torch.profiler.profile() as prof:
         assert torch.equal(minhub.generate(model, torch.tensor([ids]), 12, temperature=0), out)
     new, _ = greedy_reference(ref, ids, 12, [])

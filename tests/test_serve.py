@@ -548,3 +548,27 @@ def test_a_prompt_scored_in_chunks_scores_the_same(server, monkeypatch):
     assert status == 200
     check_echoed_prompt(payload["choices"][0], ids, 3)
     assert payload["choices"][0]["text"] == PROMPTS[5] + reference_text(PROMPTS[5], 3)
+
+
+def test_the_served_context_is_capped_and_a_request_past_it_is_a_400(server, caplog):
+    """A 128k-context model would hold 128k cache slots a row from the start: the server serves at most
+    SERVED_CONTEXT tokens unless --context says otherwise, and refuses a request past what it serves."""
+    from minhub.serve import SERVED_CONTEXT, serving_context
+
+    assert serving_context(131072, None) == SERVED_CONTEXT and "of the model's 131072" in caplog.text
+    assert serving_context(1024, None) == 1024 and serving_context(1024, 100) == 100
+    with pytest.raises(ValueError, match="--context 2000 is more than the model's context of 1024"):
+        serving_context(1024, 2000)
+    with pytest.raises(ValueError, match="--context must be a positive integer"):
+        build_app(MODEL, context=0)
+    app = build_app(MODEL, max_batch=2, context=16)  # the model's own is 64
+    with BackgroundServer(app) as running:
+        ids = TOKENIZER.encode(PROMPTS[0]).ids
+        status, body = raw(running.port, "POST", "/v1/completions",
+                           {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 17 - len(ids), "temperature": 0})
+        assert status == 400 and body["error"]["code"] == "context_length_exceeded", body
+        assert "the context of 16 tokens" in body["error"]["message"]
+        status, body = raw(running.port, "POST", "/v1/completions",
+                           {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 16 - len(ids), "temperature": 0})
+        assert status == 200 and body["choices"][0]["text"] == reference_text(PROMPTS[0], 16 - len(ids))
+    assert app.state.scheduler.caches[0].k.shape[2] == 16
