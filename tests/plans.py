@@ -1,12 +1,14 @@
 """Matmul plans forced on any CPU, so that every branch a measured plan can take is tested whatever this CPU's
 measurement picks (minhub.matmul).
 
-A plan picks a kernel per weight dtype for one activation row and for 2-16 rows: "blas" (PyTorch's), "onednn"
-(float32 at 2-16 rows only) or "minhub" (minhub::linear), and for bf16 prompts (more rows) "blas" or "minhub". PLANS holds whole-machine plans that together take every
-kernel at each row count, including the mixed ones measured so far (an AVX-512 EPYC: minhub at one row, oneDNN for
-fp32 at few rows, PyTorch's for bf16 and int8 at few rows). `force` makes one of them this process's plan, so the
-loaders, quantize_int8 and everything after them take it; `per_layer` gives each block of one model another plan, so
-that a single compiled step (one compile, not one per plan) contains every kernel at its row count.
+A plan picks a kernel per weight dtype for one activation row and for 2-16 rows: "blas" (PyTorch's), "onednn" (float32
+at 2-16 rows only) or "minhub" (minhub::linear), and for bf16 prompts (more rows) "blas" or "minhub". PLANS holds
+whole-machine plans that together take every kernel at each row count, including the mixed ones measured so far (an
+AVX-512 EPYC: minhub at one row, oneDNN for fp32 at few rows, PyTorch's for bf16 and int8 at few rows). `force` makes
+one of them this process's plan, so the loaders, quantize_int8 and everything after them take it; `per_layer` gives
+each block of one model another plan, so that a single compiled step (one compile, not one per plan) contains every
+kernel at its row count.
+
 
 The references such tests compare with, in the precision of the path under test: transformers' greedy tokens, its
 logits in bfloat16 with the distance bf16 costs transformers itself, and a transformers model holding the int8
