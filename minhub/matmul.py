@@ -355,14 +355,19 @@ def measure(library_file: Path, rounds: int = 5) -> MatmulPlan:
                 if not best.endswith(": blas"):
                     kernels[choice_name(dtype, rows == 1)] = best.rpartition(": ")[2]
             if dtype == torch.bfloat16 and library is not None:  # a prompt, on one layer's matrices
-                seconds.update(_timed_rounds(_prompt_candidates(weights[:4], biases[:4]), rounds))
+                x = {k: torch.full((MANY_ROWS, k), 0.5, dtype=dtype) for k in (768, 3072)}
+                prompt = {f"{BF16_PROMPT}: {name}": _over_matrices(_candidate(name, dtype, MANY_ROWS, True, False), x,
+                                                                   weights[:4], biases[:4], None)
+                          for name in ("blas", "minhub")}
+                seconds.update(_timed_rounds(prompt, rounds))
                 if seconds[f"{BF16_PROMPT}: minhub"] < seconds[f"{BF16_PROMPT}: blas"]:
                     kernels[BF16_PROMPT] = "minhub"
             del weights, scales, biases
     fp32_bytes = sum(s[0] * s[1] * 4 for s in shapes)
     per_dtype = {"float32": 1, "bfloat16": 2, "int8": 4}
-    bytes_read = {name: fp32_bytes / per_dtype[name.split()[0]] for name in seconds}
-    bytes_read.update({name: fp32_bytes / 4 / 2 for name in seconds if name.startswith(BF16_PROMPT)})
+    one_layer_bf16 = sum(s[0] * s[1] * 2 for s in shapes[:4])  # what the prompt candidates read
+    bytes_read = {name: one_layer_bf16 if name.startswith(BF16_PROMPT) else fp32_bytes / per_dtype[name.split()[0]]
+                  for name in seconds}
     measured = {name: bytes_read[name] / t / 1e9 for name, t in seconds.items()}
     # the library is kept even where no choice is "minhub": minhub::attend is in it, and every process that reads
     # this plan must load what the measuring one did (a decode step's package key depends on it)
@@ -376,14 +381,6 @@ def _over_matrices(fn: Callable, x: dict[int, torch.Tensor], weights: list[torch
     """One call of fn(x, weight, bias, scale) per matrix, as a decode step makes them."""
     scales = scales or [None] * len(weights)
     return lambda: [fn(x[w.size(1)], w, b, s) for w, b, s in zip(weights, biases, scales)]
-
-
-def _prompt_candidates(weights: list[torch.Tensor], biases: list[torch.Tensor]) -> dict[str, Callable]:
-    """bf16 `weights` times a MANY_ROWS-row prompt: PyTorch's product and minhub::linear, one call per matrix."""
-    x = {k: torch.full((MANY_ROWS, k), 0.5, dtype=torch.bfloat16) for k in (768, 3072)}
-    return {f"{BF16_PROMPT}: blas": _over_matrices(lambda x, w, b, s: F.linear(x, w, b), x, weights, biases, None),
-            f"{BF16_PROMPT}: minhub": _over_matrices(lambda x, w, b, s: minhub_linear(x, w, b), x, weights, biases,
-                                                     None)}
 
 
 def _candidate(name: str, dtype: torch.dtype, rows: int, have_minhub: bool, have_onednn: bool):

@@ -353,6 +353,20 @@ def test_a_plan_measured_on_a_busy_machine_is_measured_again_once_it_is_idle(tmp
         assert matmul.plan() == again
 
 
+def test_without_proc_stat_a_plan_is_final_and_never_measured_again(tmp_path, monkeypatch):
+    """No /proc/stat (not Linux): nothing tells a busy machine from an idle one, so the plan is kept as measured."""
+    monkeypatch.setenv("MINHUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(matmul, "_plans", {})
+    monkeypatch.setattr(hardware, "cpu_times", lambda: None)
+    fake_cpu(monkeypatch, cxx=None)
+    monkeypatch.setattr(matmul, "_timed_rounds", lambda candidates, rounds: {name: 0.01 for name in candidates})
+    plan = matmul.plan()
+    assert plan.others_busy is None and not plan.provisional and not matmul._machine_idle(0.0)
+    monkeypatch.setattr(matmul, "_plans", {})
+    monkeypatch.setattr(matmul, "measure", lambda library_file: pytest.fail("measured again"))
+    assert matmul.plan() == plan
+
+
 def test_other_processes_share_of_the_cpus_is_read_from_proc_stat():
     start = hardware.cpu_times()
     if start is None:
